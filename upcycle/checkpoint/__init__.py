@@ -1,0 +1,1 @@
+"""Reading source checkpoints (headers only, never whole models) and writing outputs atomically."""

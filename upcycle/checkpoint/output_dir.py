@@ -1,0 +1,65 @@
+"""Outputs appear atomically or not at all: written into a hidden sibling folder, renamed at the end."""
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import UpcycleError
+
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def check_output_path(output: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that exists (without --overwrite) or that would replace or sit inside an input."""
+    output = output.resolve()
+    for path in protected:
+        path = path.resolve()
+        if output == path or path in output.parents or output in path.parents:
+            raise UpcycleError(f"the output {output} overlaps the input {path}; choose another output folder")
+    if output.exists():
+        if not output.is_dir():
+            raise UpcycleError(f"the output {output} exists and is not a folder")
+        if not overwrite:
+            raise UpcycleError(f"the output folder {output} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `output`, on any failure it is removed."""
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.parent / f".{output.name}.upcycle-partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+        if output.exists():
+            if not overwrite:
+                raise UpcycleError(f"the output folder {output} appeared while writing; nothing was replaced")
+            previous = output.parent / f".{output.name}.upcycle-previous-{os.getpid()}"
+            output.rename(previous)
+            try:
+                partial.rename(output)
+            except BaseException:
+                previous.rename(output)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def copy_with_sha256(source: Path, destination: Path) -> str:
+    """Copy a file byte for byte in chunks (bounded memory) and return its sha256."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        while chunk := reader.read(COPY_CHUNK_BYTES):
+            digest.update(chunk)
+            writer.write(chunk)
+    shutil.copystat(source, destination)
+    return digest.hexdigest()

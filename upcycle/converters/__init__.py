@@ -1,0 +1,42 @@
+"""Source families, each a spec, and the registry that picks one from a config."""
+
+from ..errors import UpcycleError
+from .mixtral import MIXTRAL
+from .spec import ExpertKeyLayout, FamilySpec
+
+FAMILIES: tuple[FamilySpec, ...] = (MIXTRAL,)
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(spec.name for spec in FAMILIES))
+
+
+def family_for_config(config: dict) -> FamilySpec:
+    """Pick the family spec: `architectures[0]` first, then `model_type`; unknown -> a clear error."""
+    architectures = config.get("architectures") or []
+    by_architecture = {arch: spec for spec in FAMILIES for arch in spec.architectures}
+    if architectures and architectures[0] in by_architecture:
+        return by_architecture[architectures[0]]
+    by_model_type = {model_type: spec for spec in FAMILIES for model_type in spec.model_types}
+    model_type = config.get("model_type")
+    if model_type in by_model_type:
+        return by_model_type[model_type]
+    moepp_types = {spec.moepp_model_type for spec in FAMILIES}
+    if model_type in moepp_types:
+        raise UpcycleError(f"this checkpoint is already an MoE++ model ({model_type}); convert its source instead")
+    shown = architectures[0] if architectures else model_type
+    raise UpcycleError(f"unsupported model family {shown!r}; supported families: {supported_families()}")
+
+
+def family_for_moepp_config(config: dict) -> FamilySpec:
+    """The family of an MoE++ checkpoint written by upcycle, from its model_type."""
+    for spec in FAMILIES:
+        if config.get("model_type") == spec.moepp_model_type:
+            return spec
+    raise UpcycleError(
+        f"not an MoE++ checkpoint written by upcycle (model_type {config.get('model_type')!r})"
+    )
+
+
+__all__ = ["FAMILIES", "ExpertKeyLayout", "FamilySpec", "family_for_config", "family_for_moepp_config",
+           "supported_families"]

@@ -1,0 +1,188 @@
+"""The MoE++ layer, family-independent parts: router, zero-computation experts, routing statistics, balance loss.
+
+Shapes: T tokens (batch * sequence flattened), D hidden size, N FFN experts, Z zero-computation experts,
+k experts per token. Expert order: FFN 0..N-1, then zero, copy, constant.
+
+Copied into every converted checkpoint as remote code: imports only torch and its siblings.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each kind of expert sits in the router's N + Z outputs."""
+
+    n_ffn: int
+    n_zero: int
+    n_copy: int
+    n_constant: int
+
+    @property
+    def n_zero_computation(self) -> int:
+        return self.n_zero + self.n_copy + self.n_constant
+
+    @property
+    def n_total(self) -> int:
+        return self.n_ffn + self.n_zero_computation
+
+    @property
+    def copy_start(self) -> int:
+        return self.n_ffn + self.n_zero
+
+    @property
+    def constant_start(self) -> int:
+        return self.n_ffn + self.n_zero + self.n_copy
+
+    @classmethod
+    def from_config(cls, config, n_ffn: int) -> "ExpertLayout":
+        return cls(n_ffn, config.n_zero_experts, config.n_copy_experts, config.n_constant_experts)
+
+
+class MoePPRouter(nn.Module):
+    """Router over FFN and zero-computation experts, with the gating residual and the selection bias.
+
+    `weight` is the source router, kept under its name and bytes. The new parts are neutral at conversion:
+    zero rows for zero-computation experts, a zero gating-residual matrix, and a selection bias of -inf so that
+    no zero-computation expert is ever chosen until `calibrate` or training raises it.
+    """
+
+    def __init__(self, layout: ExpertLayout, hidden_size: int, top_k: int, has_residual: bool,
+                 renormalize: bool, zero_expert_semantics: str):
+        super().__init__()
+        self.layout = layout
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.zero_expert_semantics = zero_expert_semantics
+        self.weight = nn.Parameter(torch.empty(layout.n_ffn, hidden_size))  # (N, D) source router
+        # (Z, D) zero rows: zero-computation logits start at 0, and the -inf selection bias keeps them unselected
+        self.zero_computation_weight = nn.Parameter(torch.zeros(layout.n_zero_computation, hidden_size))
+        # (N+Z, N+Z) gating residual W_g, zero: G_j = W_j x + 0 * G_{j-1} equals the source logits
+        self.residual_weight = (
+            nn.Parameter(torch.zeros(layout.n_total, layout.n_total)) if has_residual else None
+        )
+        # (Z,) selection-only bias (not trained): added to the logits for top-k selection, not to the weights
+        self.register_buffer("selection_bias", torch.full((layout.n_zero_computation,), float("-inf")))
+
+    def forward(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None = None):
+        """hidden_states (T, D); previous_logits (T, N+Z) or None -> logits (T, N+Z), weights (T, k), index (T, k)."""
+        router_weight = torch.cat([self.weight, self.zero_computation_weight], dim=0)  # (N+Z, D)
+        logits = F.linear(hidden_states, router_weight).float()  # (T, N+Z), router math in fp32
+        if self.residual_weight is not None and previous_logits is not None:
+            logits = logits + F.linear(previous_logits.float(), self.residual_weight.float())
+        probabilities = torch.softmax(logits, dim=-1)  # (T, N+Z)
+        top_k_index = select_experts(logits, self.selection_bias, self.layout.n_ffn, self.top_k)  # (T, k)
+        top_k_weights = probabilities.gather(-1, top_k_index)  # (T, k)
+        top_k_weights = normalize_top_k_weights(
+            top_k_weights, top_k_index, self.layout, self.renormalize, self.zero_expert_semantics
+        )
+        return logits, top_k_weights, top_k_index
+
+
+def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
+    """Top-k of the logits plus the selection bias (zero for FFN experts): logits (T, N+Z) -> index (T, k)."""
+    ffn_bias = selection_bias.new_zeros(n_ffn)
+    scores = logits + torch.cat([ffn_bias, selection_bias.float()])  # (T, N+Z)
+    return torch.topk(scores, top_k, dim=-1).indices
+
+
+def normalize_top_k_weights(weights: torch.Tensor, index: torch.Tensor, layout: ExpertLayout,
+                            renormalize: bool, zero_expert_semantics: str) -> torch.Tensor:
+    """Apply the family's top-k normalisation and the Zero-expert semantics: weights (T, k) -> (T, k)."""
+    is_zero = (index >= layout.n_ffn) & (index < layout.copy_start)  # (T, k)
+    if zero_expert_semantics == "drop_and_renormalize":
+        weights = weights.masked_fill(is_zero, 0.0)
+    if renormalize:
+        # Two Zero experts leave a zero sum: the layer then adds nothing (the token skips it).
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return weights
+
+
+class ZeroComputationExperts(nn.Module):
+    """Zero, Copy and Constant experts, computed for all selected slots in a few vectorised operations.
+
+    Zero: 0. Copy: x. Constant j: a1 x + a2 v_j with [a1, a2] = softmax(W_c^j x).
+    """
+
+    def __init__(self, layout: ExpertLayout, hidden_size: int):
+        super().__init__()
+        self.layout = layout
+        # (C, D) constant vectors v and (C, 2, D) ratio matrices W_c; zero (never selected at conversion)
+        self.constant_vectors = nn.Parameter(torch.zeros(layout.n_constant, hidden_size))
+        self.constant_ratio_weight = nn.Parameter(torch.zeros(layout.n_constant, 2, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states (T, D), top_k_index (T, k), top_k_weights (T, k) -> contribution (T, D)."""
+        layout = self.layout
+        is_copy = (top_k_index >= layout.copy_start) & (top_k_index < layout.constant_start)  # (T, k)
+        x_coefficient = (top_k_weights * is_copy).sum(dim=-1)  # (T,)
+        output_dtype = hidden_states.dtype
+        if layout.n_constant > 0:
+            ratio_logits = torch.einsum("td,cjd->tcj", hidden_states, self.constant_ratio_weight)  # (T, C, 2)
+            ratios = torch.softmax(ratio_logits.float(), dim=-1)  # (T, C, 2)
+            constant_slot = top_k_index - layout.constant_start  # (T, k), in [0, C) for constant slots
+            is_constant = constant_slot >= 0  # (T, k)
+            slot_weights = top_k_weights * is_constant  # (T, k)
+            # (T, C): routing weight each constant expert receives (summed over slots)
+            constant_weights = torch.zeros(
+                top_k_index.shape[0], layout.n_constant, device=hidden_states.device, dtype=slot_weights.dtype
+            ).scatter_add_(1, constant_slot.clamp_min(0), slot_weights)
+            x_coefficient = x_coefficient + (constant_weights * ratios[..., 0]).sum(dim=-1)
+            vector_coefficient = constant_weights * ratios[..., 1]  # (T, C)
+            constant_part = vector_coefficient.to(output_dtype) @ self.constant_vectors.to(output_dtype)  # (T, D)
+            return x_coefficient.to(output_dtype).unsqueeze(-1) * hidden_states + constant_part
+        return x_coefficient.to(output_dtype).unsqueeze(-1) * hidden_states
+
+
+def ffn_slots(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_ffn: int):
+    """Route zero-computation slots to the sentinel expert N (no FFN compute) with weight 0.
+
+    index (T, k), weights (T, k) -> ffn_index (T, k), ffn_weights (T, k).
+    """
+    is_ffn = top_k_index < n_ffn
+    return top_k_index.masked_fill(~is_ffn, n_ffn), top_k_weights.masked_fill(~is_ffn, 0.0)
+
+
+def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list[torch.Tensor],
+                       layout: ExpertLayout, top_k: int, token_mask: torch.Tensor | None,
+                       balance_tau: float) -> dict[str, torch.Tensor]:
+    """Per-MoE-layer routing statistics and the heterogeneous balance loss, from one source of truth.
+
+    router_logits: one (T, N+Z) tensor per MoE layer; token_mask (T,) of 1 for real tokens, or None.
+    Returns tensors of shape (L,) per statistic, and `balance_loss` (scalar, mean over layers):
+    L_b = (N+Z) * sum_i eta_i f_i P_i, eta_i = 1 for FFN experts and tau for zero-computation experts,
+    f_i = share of routed slots that chose expert i, P_i = mean router probability of expert i.
+    """
+    eta = torch.cat([torch.ones(layout.n_ffn), torch.full((layout.n_zero_computation,), balance_tau)])
+    kinds = {
+        "ffn": (0, layout.n_ffn),
+        "zero": (layout.n_ffn, layout.copy_start),
+        "copy": (layout.copy_start, layout.constant_start),
+        "constant": (layout.constant_start, layout.n_total),
+    }
+    per_layer: dict[str, list[torch.Tensor]] = {f"{kind}_share": [] for kind in kinds}
+    per_layer["ffn_experts_per_token"] = []
+    per_layer["balance_loss"] = []
+    per_layer["expert_share"] = []
+    for logits, bias in zip(router_logits, selection_biases):
+        logits = logits.float()
+        mask = torch.ones(logits.shape[0], device=logits.device) if token_mask is None else token_mask.float()
+        n_tokens = mask.sum().clamp_min(1.0)
+        index = select_experts(logits, bias.to(logits.device), layout.n_ffn, top_k)  # (T, k)
+        slot_counts = F.one_hot(index, layout.n_total).float().sum(dim=1)  # (T, N+Z)
+        expert_share = (slot_counts * mask[:, None]).sum(dim=0) / (n_tokens * top_k)  # (N+Z,) f_i, sums to 1
+        mean_probability = (torch.softmax(logits, dim=-1) * mask[:, None]).sum(dim=0) / n_tokens  # (N+Z,)
+        weighted = eta.to(logits.device) * expert_share * mean_probability
+        per_layer["balance_loss"].append(layout.n_total * weighted.sum())
+        per_layer["expert_share"].append(expert_share)
+        for kind, (start, end) in kinds.items():
+            per_layer[f"{kind}_share"].append(expert_share[start:end].sum())
+        per_layer["ffn_experts_per_token"].append(per_layer["ffn_share"][-1] * top_k)
+    stats = {name: torch.stack(values) for name, values in per_layer.items()}
+    stats["balance_loss"] = stats["balance_loss"].mean()
+    return stats
