@@ -1,0 +1,119 @@
+"""The `upcycle` command: one short function per command, each a thin wrapper over the library."""
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UpcycleError
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' progress bars and load reports out of the CLI's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _command_line() -> str:
+    return shlex.join(["upcycle", *sys.argv[1:]])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="upcycle")
+def cli() -> None:
+    """Turn existing Mixture-of-Experts checkpoints into MoE++ models."""
+    _quiet_libraries()
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--zero", "n_zero", type=click.IntRange(min=0), default=None, help="Zero experts (default: paper's rule).")
+@click.option("--copy", "n_copy", type=click.IntRange(min=0), default=None, help="Copy experts (default: paper's rule).")
+@click.option("--constant", "n_constant", type=click.IntRange(min=0), default=None,
+              help="Constant experts (default: paper's rule).")
+@click.option("--gating-residual/--no-gating-residual", default=True, show_default=True,
+              help="Link consecutive MoE layers' router logits.")
+@click.option("--zero-semantics", "zero_expert_semantics", default="drop_and_renormalize", show_default=True,
+              type=click.Choice(["drop_and_renormalize", "keep_weight"]), help="What a selected Zero expert does.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def convert(source, output, **options) -> None:
+    """Convert the MoE checkpoint SOURCE into an MoE++ checkpoint in OUTPUT."""
+    from .surgery.convert import ConvertOptions, convert as run_convert
+
+    report = run_convert(source, output, ConvertOptions(**options), command=_command_line())
+    counts = report.plan.counts
+    click.echo(
+        f"converted {report.plan.spec.name} ({report.plan.expert_layout} experts, {len(report.plan.moe_layers)} MoE "
+        f"layers): {report.plan.n_ffn} FFN + {counts.zero} zero, {counts.copy} copy, {counts.constant} constant "
+        f"experts per layer; +{report.added_parameters:,} parameters; wrote {report.output}"
+    )
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(checkpoint, as_json) -> None:
+    """Describe CHECKPOINT: family, layers, experts by type, parameters, files, provenance."""
+    from .inspect_checkpoint import format_summary, inspect_checkpoint
+
+    summary = inspect_checkpoint(checkpoint)
+    click.echo(json.dumps(summary.as_dict(), indent=2) if as_json else format_summary(summary))
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest allowed absolute logit difference (float32).")
+def verify(source, converted, tolerance) -> None:
+    """Check that CONVERTED computes what SOURCE computes, on probe tokens."""
+    from .verify import verify as run_verify
+
+    report = run_verify(source, converted, tolerance)
+    generation = "identical" if report.greedy_generation_equal else "different"
+    message = f"largest logit difference {report.max_logit_difference:.3e} (tolerance {tolerance:g}); " \
+              f"greedy generation {generation}"
+    if not report.passed:
+        where = "" if report.first_parting_layer is None else \
+            f"; hidden states first part at decoder layer {report.first_parting_layer}"
+        raise UpcycleError(f"verification failed: {message}{where}")
+    click.echo(f"ok: {message}")
+
+
+@cli.command()
+@click.option("--output", type=click.Path(path_type=Path), default=Path("upcycle-demo"), show_default=True,
+              help="Folder for the demo's checkpoints and results.")
+def demo(output) -> None:
+    """Run the whole job on the embedded default model (no download)."""
+    from .demo import run_demo
+
+    run_demo(output, echo=click.echo)
+
+
+def main() -> None:
+    """Entry point: user errors become one sentence and exit code 1, Ctrl-C exit code 130, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except UpcycleError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except OSError as error:
+        if os.environ.get("UPCYCLE_DEBUG"):
+            raise
+        click.echo(f"error: {error.strerror or error} ({error.filename or 'unknown file'})", err=True)
+        sys.exit(1)
