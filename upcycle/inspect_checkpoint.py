@@ -9,6 +9,7 @@ from safetensors import safe_open
 from .checkpoint.source import SourceCheckpoint, open_source
 from .converters import FAMILIES, FamilySpec, family_for_config
 from .provenance import read_provenance
+from .surgery.new_tensors import count_parameters
 
 ADDED_MARKERS = ("gate.zero_computation_weight", "gate.residual_weight", "gate.selection_bias",
                  "zero_computation_experts.")
@@ -70,11 +71,9 @@ def inspect_checkpoint(path: Path) -> CheckpointSummary:
     experts = {"ffn": n_ffn}
     if moepp_spec:
         experts |= {kind: int(config.get(f"n_{kind}_experts", 0)) for kind in ("zero", "copy", "constant")}
-    total = sum(info.numel for name, info in source.tensors.items() if not name.endswith("selection_bias"))
-    added = sum(
-        info.numel for name, info in source.tensors.items()
-        if any(marker in name for marker in ADDED_MARKERS) and not name.endswith("selection_bias")
-    )
+    numels = {name: info.numel for name, info in source.tensors.items()}
+    total = count_parameters(numels)
+    added = count_parameters({name: n for name, n in numels.items() if any(m in name for m in ADDED_MARKERS)})
     expert_parameters = sum(info.numel for name, info in source.tensors.items() if _is_expert_tensor(name))
     provenance = read_provenance(source.path)
     budget = current_budget(source, top_k, provenance) if moepp_spec else float(top_k)

@@ -17,8 +17,8 @@ An MoE++ model converted by upcycle from `{source}` ({family}).
 
 Each MoE layer keeps the source's {n_ffn} FFN experts (top-{top_k}) and gains zero-computation experts:
 {n_zero} zero, {n_copy} copy and {n_constant} constant{residual}. Right after conversion no zero-computation
-expert can be selected, so the model computes exactly what the source did; `upcycle calibrate` or
-`upcycle train` then lowers the number of FFN experts per token.
+expert can be selected, so the model computes what the source did (to float rounding); raising the saved
+selection biases (the budget knob) then lowers the number of FFN experts per token.
 
 ## Load it
 

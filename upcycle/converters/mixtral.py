@@ -26,7 +26,7 @@ MIXTRAL = FamilySpec(
         ExpertKeyLayout(
             name="fused",  # transformers 5 in-memory layout: 3-D gate_up_proj / down_proj
             keys={
-                "experts.gate_up_proj": ("num_local_experts", 2, "intermediate_size", "hidden_size"),
+                "experts.gate_up_proj": ("num_local_experts", "2*intermediate_size", "hidden_size"),
                 "experts.down_proj": ("num_local_experts", "hidden_size", "intermediate_size"),
             },
         ),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # Names of the per-expert tensors, with `{layer}` and `{expert}` placeholders, mapped to a shape rule.
-# A shape rule is a tuple of config-field names (or literal ints) read at validation time.
+# A shape rule is a tuple of config-field names, "factor*field" products, or literal ints.
 ShapeRule = tuple[str | int, ...]
 
 

@@ -10,11 +10,12 @@ grouped_mm / batched_mm / eager implementations all apply; transformers looks fo
 this module's source to allow choosing one).
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -42,6 +43,9 @@ from .moepp_layer import (
     ffn_slots,
     routing_statistics,
 )
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; support both.
+CACHE_ARG = "cache" if "cache" in inspect.signature(MixtralModel.forward).parameters else "past_key_values"
 
 # Checkpoints keep the source's on-disk expert layout (classic per-expert `w1/w2/w3` or fused): loading maps it
 # exactly as transformers maps Mixtral's, which it would otherwise skip for an unknown model type.
@@ -78,8 +82,9 @@ class MoePPMixtralSparseMoeBlock(nn.Module):
             zero_expert_semantics=config.zero_expert_semantics,
         )
         self.experts = MixtralExperts(config)
-        # Slots routed to zero-computation experts reach the FFN experts as the sentinel index N with weight 0;
-        # transformers' expert implementations skip sentinel rows (no FFN compute) when this flag is set.
+        # Slots routed to zero-computation experts reach the FFN experts as the sentinel index N with weight 0.
+        # With this flag set, transformers' eager and grouped_mm implementations skip sentinel rows (no FFN
+        # compute); batched_mm computes them and multiplies by the zero weight.
         self.experts._is_expert_parallel = True
         self.zero_computation_experts = ZeroComputationExperts(self.layout, config.hidden_size)
 
@@ -103,21 +108,15 @@ class MoePPMixtralDecoderLayer(MixtralDecoderLayer):
 
     def __init__(self, config: MoePPMixtralConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        # The first MoE layer has no previous logits, so it has no gating-residual matrix.
+        # The first MoE layer (layer 0: every Mixtral layer is an MoE layer) has no previous logits, so it has
+        # no gating-residual matrix.
         self.mlp = MoePPMixtralSparseMoeBlock(config, has_residual=config.gating_residual and layer_idx > 0)
 
-    def forward(self, hidden_states, previous_logits=None, position_embeddings=None, attention_mask=None,
-                position_ids=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, previous_logits=None, **kwargs):
+        """Mixtral's layer; `kwargs` (position embeddings, mask, cache...) go to attention as Mixtral passes them."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
@@ -164,18 +163,22 @@ class MoePPMixtralModel(MoePPMixtralPreTrainedModel, MixtralModel):
         self.post_init()
 
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> MoePPModelOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                **kwargs) -> MoePPModelOutputWithPast:
+        """Mixtral's model loop, carrying each MoE layer's router logits to the next as the gating residual."""
         kwargs.pop("output_router_logits", None)  # router logits are always returned by this loop
+        cache = kwargs.pop(CACHE_ARG, None)
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
@@ -183,8 +186,8 @@ class MoePPMixtralModel(MoePPMixtralPreTrainedModel, MixtralModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_ARG: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -196,17 +199,17 @@ class MoePPMixtralModel(MoePPMixtralPreTrainedModel, MixtralModel):
                 previous_logits,  # positional: gradient checkpointing carries positional tensors
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{CACHE_ARG: cache},
                 **kwargs,
             )
             router_logits.append(previous_logits)
         hidden_states = self.norm(hidden_states)
         return MoePPModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             router_logits=tuple(router_logits),
+            **{CACHE_ARG: cache},
         )
 
 
@@ -224,9 +227,8 @@ class MoePPMixtralForCausalLM(MoePPMixtralPreTrainedModel, MixtralForCausalLM):
     def moe_blocks(self) -> list[MoePPMixtralSparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None, logits_to_keep=0,
-                **kwargs) -> MoePPCausalLMOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_router_logits=None, logits_to_keep=0, **kwargs) -> MoePPCausalLMOutputWithPast:
         """Mixtral's forward; with `output_router_logits`, also routing statistics and the balance loss."""
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -235,7 +237,6 @@ class MoePPMixtralForCausalLM(MoePPMixtralPreTrainedModel, MixtralForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -249,7 +250,8 @@ class MoePPMixtralForCausalLM(MoePPMixtralPreTrainedModel, MixtralForCausalLM):
         if output_router_logits:
             token_mask = None
             if attention_mask is not None and attention_mask.dim() == 2:  # (B, past + S): keep the current S
-                token_mask = attention_mask[:, -logits.shape[1]:].reshape(-1) if logits_to_keep == 0 else None
+                sequence_length = outputs.last_hidden_state.shape[1]
+                token_mask = attention_mask[:, -sequence_length:].reshape(-1)
             blocks = self.moe_blocks()
             stats = routing_statistics(
                 list(outputs.router_logits),
@@ -266,11 +268,11 @@ class MoePPMixtralForCausalLM(MoePPMixtralPreTrainedModel, MixtralForCausalLM):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
             routing_statistics=stats,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
 
 

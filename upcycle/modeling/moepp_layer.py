@@ -48,7 +48,7 @@ class MoePPRouter(nn.Module):
 
     `weight` is the source router, kept under its name and bytes. The new parts are neutral at conversion:
     zero rows for zero-computation experts, a zero gating-residual matrix, and a selection bias of -inf so that
-    no zero-computation expert is ever chosen until `calibrate` or training raises it.
+    no zero-computation expert is ever chosen until the budget knob raises it.
     """
 
     def __init__(self, layout: ExpertLayout, hidden_size: int, top_k: int, has_residual: bool,

@@ -21,7 +21,8 @@ from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
 from ..modeling.configuration_upcycle_moepp import ZERO_EXPERT_SEMANTICS
 from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
-from .new_tensors import new_tensors
+from ..checkpoint.safetensors_header import DTYPE_BYTES
+from .new_tensors import count_parameters, new_tensors
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
 
 
@@ -90,7 +91,9 @@ def convert(source_path: Path, output: Path, options: ConvertOptions, command: s
         save_file(added, str(partial / new_shard), metadata={"format": "pt"})
         weight_map = {name: shard_names[shard] for name, shard in source.weight_map.items()}
         weight_map |= {name: new_shard for name in added}
-        total_size = sum((partial / shard).stat().st_size for shard in set(weight_map.values()))
+        total_size = sum(info.numel * DTYPE_BYTES[info.dtype] for info in source.tensors.values()) + sum(
+            tensor.numel() * tensor.element_size() for tensor in added.values()
+        )  # tensor bytes, headers excluded (transformers' convention)
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -98,7 +101,9 @@ def convert(source_path: Path, output: Path, options: ConvertOptions, command: s
             shutil.copyfile(MODELING_DIR / name, partial / name)
         for name in source.extra_files():
             shutil.copyfile(source.path / name, partial / name)
-        record = conversion_record(str(source_path), hashes, asdict(options), command)
+        resolved = asdict(options) | {"n_zero": plan.counts.zero, "n_copy": plan.counts.copy,
+                                      "n_constant": plan.counts.constant}
+        record = conversion_record(str(source_path), hashes, resolved, command)
         write_provenance(partial, record)
         write_model_card(partial, output.name, config, record)
 
@@ -107,6 +112,6 @@ def convert(source_path: Path, output: Path, options: ConvertOptions, command: s
         plan=plan,
         source_tensors=len(source.tensors),
         added_tensors=len(added),
-        added_parameters=sum(tensor.numel() for tensor in added.values()),
-        source_parameters=sum(info.numel for info in source.tensors.values()),
+        added_parameters=count_parameters({name: tensor.numel() for name, tensor in added.items()}),
+        source_parameters=count_parameters({name: info.numel for name, info in source.tensors.items()}),
     )

@@ -4,6 +4,14 @@ import torch
 
 from .plan import ConversionPlan
 
+BUFFER_SUFFIXES = ("gate.selection_bias",)  # saved but not trained: not counted as parameters
+
+
+def count_parameters(numels: dict[str, int]) -> int:
+    """Parameters among named tensors (tensor name -> element count), leaving out saved buffers."""
+    return sum(numel for name, numel in numels.items() if not name.endswith(BUFFER_SUFFIXES))
+
+
 SAFETENSORS_TO_TORCH = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
 }

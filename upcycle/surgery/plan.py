@@ -27,8 +27,11 @@ class ZeroComputationCounts:
 
     @classmethod
     def paper_default(cls, n_ffn: int) -> "ZeroComputationCounts":
-        """The paper's split: Z = max(N/4, 4) zero-computation experts, one zero, one copy, the rest constant
-        (1/1/2 for 8 and 16 FFN experts, 1/1/6 for 32, as published)."""
+        """Z = max(N/4, 4) zero-computation experts: one zero, one copy, the rest constant.
+
+        This reproduces the published configurations (1/1/2 for 8 and 16 FFN experts, 1/1/6 for 32); the
+        paper's formula max(N/4 - zero - copy, 1) for the constant count would give 1/1/1 at N = 8, which no
+        published model uses."""
         total = max(n_ffn // 4, 4)
         return cls(zero=1, copy=1, constant=total - 2)
 
@@ -65,7 +68,15 @@ def expected_shapes(spec: FamilySpec, config: dict) -> dict[str, tuple[int, ...]
 
 
 def resolve_shape(rule: tuple, config: dict) -> tuple[int, ...]:
-    return tuple(int(config[item]) if isinstance(item, str) else item for item in rule)
+    """("num_local_experts", "2*intermediate_size", 4) -> (8, 28672, 4) for Mixtral-8x7B's config."""
+
+    def resolve(item) -> int:
+        if isinstance(item, int):
+            return item
+        factor, _, field = item.rpartition("*")
+        return int(factor or 1) * int(config[field])
+
+    return tuple(resolve(item) for item in rule)
 
 
 def _canonical_name(name: str, spec: FamilySpec, layer_patterns: list[re.Pattern]) -> str:
@@ -99,7 +110,7 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
     moe_layers = spec.moe_layers(config)
     layouts_found = set()
     covered: set[str] = set()
-    for name, info in source.tensors.items():
+    for name, info in sorted(source.tensors.items()):  # sorted: the same first error on every run
         canonical = _canonical_name(name, spec, layer_patterns)
         if canonical in expected:
             want = expected[canonical]
