@@ -96,6 +96,10 @@ def demo(output) -> None:
     run_demo(output, echo=click.echo)
 
 
+# Commands of other parts live in their own modules and attach themselves to `cli` on import.
+from . import cli_budget, cli_publish, cli_train  # noqa: E402,F401
+
+
 def main() -> None:
     """Entry point: user errors become one sentence and exit code 1, Ctrl-C exit code 130, never a traceback."""
     try:
