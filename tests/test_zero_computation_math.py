@@ -37,7 +37,8 @@ def reference_output(block, x: torch.Tensor, bias: torch.Tensor, semantics: str)
     layout = block.layout
     router = torch.cat([block.gate.weight, block.gate.zero_computation_weight])  # (N+Z, D)
     logits = router @ x
-    probabilities = torch.softmax(logits, dim=-1)
+    switched_on = torch.cat([torch.ones(layout.n_ffn, dtype=torch.bool), ~torch.isneginf(bias)])
+    probabilities = torch.softmax(logits.masked_fill(~switched_on, float("-inf")), dim=-1)
     scores = logits + torch.cat([torch.zeros(layout.n_ffn), bias])
     chosen = torch.topk(scores, block.gate.top_k).indices.tolist()
     weights = {i: probabilities[i].item() for i in chosen}

@@ -74,13 +74,26 @@ class MoePPRouter(nn.Module):
         logits = F.linear(hidden_states, router_weight).float()  # (T, N+Z), router math in fp32
         if self.residual_weight is not None and previous_logits is not None:
             logits = logits + F.linear(previous_logits.float(), self.residual_weight.float())
-        probabilities = torch.softmax(logits, dim=-1)  # (T, N+Z)
+        probabilities = routing_probabilities(logits, self.selection_bias, self.layout.n_ffn)  # (T, N+Z)
         top_k_index = select_experts(logits, self.selection_bias, self.layout.n_ffn, self.top_k)  # (T, k)
         top_k_weights = probabilities.gather(-1, top_k_index)  # (T, k)
         top_k_weights = normalize_top_k_weights(
             top_k_weights, top_k_index, self.layout, self.renormalize, self.zero_expert_semantics
         )
         return logits, top_k_weights, top_k_index
+
+
+def routing_probabilities(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int) -> torch.Tensor:
+    """Softmax over FFN experts and the zero-computation experts that are switched on: logits (T, N+Z) -> (T, N+Z).
+
+    A zero-computation expert whose selection bias is -inf is switched off: it takes no probability mass. So at
+    conversion the FFN probabilities are exactly the source's, also for families that do not renormalise their
+    top-k weights, and setting every bias to -inf turns a trained MoE++ model back into its source's routing.
+    """
+    switched_off = torch.isneginf(selection_bias)  # (Z,)
+    mask = torch.cat([selection_bias.new_zeros(n_ffn), torch.zeros_like(selection_bias).masked_fill(switched_off,
+                                                                                                     float("-inf"))])
+    return torch.softmax(logits + mask.float(), dim=-1)
 
 
 def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
@@ -176,7 +189,8 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
         index = select_experts(logits, bias.to(logits.device), layout.n_ffn, top_k)  # (T, k)
         slot_counts = F.one_hot(index, layout.n_total).float().sum(dim=1)  # (T, N+Z)
         expert_share = (slot_counts * mask[:, None]).sum(dim=0) / (n_tokens * top_k)  # (N+Z,) f_i, sums to 1
-        mean_probability = (torch.softmax(logits, dim=-1) * mask[:, None]).sum(dim=0) / n_tokens  # (N+Z,)
+        probabilities = routing_probabilities(logits, bias.to(logits.device), layout.n_ffn)  # (T, N+Z)
+        mean_probability = (probabilities * mask[:, None]).sum(dim=0) / n_tokens  # (N+Z,)
         weighted = eta.to(logits.device) * expert_share * mean_probability
         per_layer["balance_loss"].append(layout.n_total * weighted.sum())
         per_layer["expert_share"].append(expert_share)
