@@ -9,6 +9,9 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 import upcycle  # noqa: F401  (registers the MoE++ Auto classes)
 
+# Session fixtures on real text (text_corpus, text_tokenizer, trained_mixtral, trained_moepp, text_model).
+pytest_plugins = ("text_fixtures",)
+
 TINY_MIXTRAL = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,

@@ -31,7 +31,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--zero", "n_zero", type=click.IntRange(min=0), default=None, help="Zero experts (default: paper's rule).")
 @click.option("--copy", "n_copy", type=click.IntRange(min=0), default=None, help="Copy experts (default: paper's rule).")
@@ -39,11 +39,19 @@ def cli() -> None:
               help="Constant experts (default: paper's rule).")
 @click.option("--gating-residual/--no-gating-residual", default=True, show_default=True,
               help="Link consecutive MoE layers' router logits.")
-@click.option("--zero-semantics", "zero_expert_semantics", default="drop_and_renormalize", show_default=True,
-              type=click.Choice(["drop_and_renormalize", "keep_weight"]), help="What a selected Zero expert does.")
+@click.option("--zero-semantics", "zero_expert_semantics", default=None,
+              type=click.Choice(["drop_and_renormalize", "keep_weight"]),
+              help="What a selected Zero expert does (default: drop_and_renormalize for families that renormalise "
+                   "their top-k weights, keep_weight otherwise).")
+@click.option("--link", type=click.Choice(["auto", "reflink", "hard", "copy"]), default="auto", show_default=True,
+              help="Unchanged shards: auto (reflink, else copy), reflink, hard (the output shares the source's "
+                   "files: editing one edits both) or copy.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Cast floating-point tensors while streaming (default: keep every dtype, decode nothing).")
+@click.option("--revision", default=None, help="Branch, tag or commit when SOURCE is a Hub repo id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def convert(source, output, **options) -> None:
-    """Convert the MoE checkpoint SOURCE into an MoE++ checkpoint in OUTPUT."""
+    """Convert the MoE checkpoint SOURCE (a folder or a Hub repo id) into an MoE++ checkpoint in OUTPUT."""
     from .surgery.convert import ConvertOptions, convert as run_convert
 
     report = run_convert(source, output, ConvertOptions(**options), command=_command_line())
@@ -88,12 +96,14 @@ def verify(source, converted, tolerance) -> None:
 
 @cli.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("upcycle-demo"), show_default=True,
-              help="Folder for the demo's checkpoints and results.")
-def demo(output) -> None:
+              help="Folder for the demo's checkpoints, results.json and plots.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Training steps per budget (default recipe).")
+def demo(output, train_steps) -> None:
     """Run the whole job on the embedded default model (no download)."""
-    from .demo import run_demo
+    from .demo import DemoOptions, run_demo
 
-    run_demo(output, echo=click.echo)
+    run_demo(DemoOptions(output=output, train_steps=train_steps), echo=click.echo)
 
 
 # Commands of other parts live in their own modules and attach themselves to `cli` on import.

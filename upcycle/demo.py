@@ -1,23 +1,46 @@
-"""`upcycle demo`: the main job on the embedded default, with no download.
+"""`upcycle demo`: the whole job on the embedded default, with no download.
 
-For now: build a small Mixtral from the shipped config (seeded random weights), convert it, verify the
-conversion against transformers' MixtralForCausalLM, then raise the selection biases to show the budget knob.
+The shipped source (upcycle/assets/demo_model: a small Mixtral trained on the standard library's documentation by
+recipes/train_demo_source.py) is converted, then at each budget (1.5 and 1.0 FFN experts per token) calibrated,
+trained with the default recipe, and evaluated on the held-out documentation against the source and against the
+better training-free variable-k baseline at the same budget. Writes results.json, plots and the checkpoints.
 """
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
 
+from .baselines import BASELINES, fit_knob, variable_k_routing
+from .budget.calibrate import CalibrateOptions, calibrate
 from .checkpoint.output_dir import atomic_output_dir
+from .corpus import write_corpus
+from .data import load_checkpoint_tokenizer, load_token_blocks
 from .errors import UpcycleError
-from .inspect_checkpoint import format_summary, inspect_checkpoint
+from .evaluate import evaluate_model
+from .plots import write_eval_plots, write_quality_vs_compute
 from .surgery.convert import ConvertOptions, convert
-from .verify import load_causal_lm, probe_tokens, verify
+from .token_kinds import ffn_experts_by_token_kind
+from .training.options import TrainOptions
+from .training.recipe import run_training
+from .verify import load_causal_lm
 
-DEMO_CONFIG = Path(__file__).parent / "assets" / "demo_mixtral_config.json"
-DEMO_MARKER = "upcycle-demo.json"
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
+DEMO_MARKER = "results.json"
+BUDGETS = (1.5, 1.0)
+BLOCK_SIZE = 256
+
+
+@dataclass
+class DemoOptions:
+    output: Path = Path("upcycle-demo")
+    train_steps: int = 150
+    learning_rate: float = 3e-3
+    distill_weight: float = 1.0
+    calibration_blocks: int = 32
+    max_heldout_blocks: int | None = None  # None: every held-out block (about 55k tokens)
 
 
 def check_demo_output(output: Path) -> None:
@@ -26,41 +49,132 @@ def check_demo_output(output: Path) -> None:
         raise UpcycleError(f"{output} exists and is not an earlier demo output; choose another --output")
 
 
-def run_demo(output: Path, echo=print) -> dict:
-    output = Path(output)
+class Progress:
+    def __init__(self, echo):
+        self.echo, self.start = echo, time.time()
+
+    def __call__(self, message: str) -> None:
+        self.echo(f"[{time.time() - self.start:6.0f} s] {message}")
+
+
+def summary(report, label: str) -> dict:
+    return {"label": label, "perplexity": report.perplexity, "perplexity_interval_95": report.perplexity_interval_95,
+            "ffn_experts_per_token": report.ffn_experts_per_token, "kl_to_source": report.kl_to_source,
+            "zero_computation_share": report.zero_computation_share}
+
+
+def best_baseline(source, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> dict:
+    """The better training-free baseline at the target: dynamic skipping or top-p, knob fitted on calibration."""
+    candidates = []
+    for rule in BASELINES:
+        knob = fit_knob(source, calibration, rule, target)
+        with variable_k_routing(source, rule, knob) as counter:
+            report = evaluate_model(source, heldout)
+        result = summary(report, "baseline") | {"ffn_experts_per_token": counter.ffn_experts_per_token,
+                                                "rule": rule, "knob": knob}
+        candidates.append(result)
+    return min(candidates, key=lambda result: result["perplexity"])
+
+
+def run_budget(target: float, moepp: Path, folder: Path, data: Path, heldout: torch.Tensor, source,
+               options: DemoOptions, progress: Progress) -> dict:
+    name = f"{target:g}"
+    calibrated = folder / f"calibrated-{name}"
+    calibrate(moepp, calibrated, str(data / "train.txt"),
+              CalibrateOptions(target_ffn_per_token=target, batches=options.calibration_blocks // 8,
+                               block_size=BLOCK_SIZE))
+    calibrated_report = evaluate_model(load_causal_lm(calibrated), heldout, source_model=source)
+    progress(f"budget {name}: calibrated, perplexity {calibrated_report.perplexity:.2f} at "
+             f"{calibrated_report.ffn_experts_per_token:.2f} FFN experts per token")
+    trained = folder / f"trained-{name}"
+    run_training(TrainOptions(
+        model=str(calibrated), data=str(data / "train.txt"), eval_data=str(data / "heldout.txt"),
+        output=str(trained), run_dir=str(folder / "runs" / name), target_ffn_per_token=target,
+        steps=options.train_steps, learning_rate=options.learning_rate, distill_weight=options.distill_weight,
+        block_size=BLOCK_SIZE, micro_batch_size=8, checkpoint_every=0, eval_max_blocks=8, ramp_fraction=0.0,
+        lr_schedule="cosine", warmup_steps=10, progress=True, tensorboard=False,
+    ), command=f"upcycle demo (budget {name})")
+    trained_model = load_causal_lm(trained)
+    trained_report = evaluate_model(trained_model, heldout, source_model=source)
+    progress(f"budget {name}: trained, perplexity {trained_report.perplexity:.2f} at "
+             f"{trained_report.ffn_experts_per_token:.2f} FFN experts per token")
+    return {"target": target, "calibrated": summary(calibrated_report, "calibrated"),
+            "trained": summary(trained_report, "trained"), "_trained_model": trained_model,
+            "_trained_report": trained_report}
+
+
+def format_table(results: dict) -> str:
+    source = results["source"]
+    lines = [f"{'':<22}{'FFN experts/token':>18}{'perplexity':>12}{'vs source':>11}",
+             f"{'source':<22}{source['ffn_experts_per_token']:>18.2f}{source['perplexity']:>12.2f}{'':>11}"]
+    for budget in results["budgets"]:
+        for kind in ("baseline", "calibrated", "trained"):
+            row = budget[kind]
+            label = f"{kind} @ {budget['target']:g}" + (f" ({row['rule']})" if kind == "baseline" else "")
+            change = 100 * (row["perplexity"] / source["perplexity"] - 1)
+            lines.append(f"{label:<22}{row['ffn_experts_per_token']:>18.2f}{row['perplexity']:>12.2f}"
+                         f"{change:>+10.1f}%")
+    return "\n".join(lines)
+
+
+def run_demo(options: DemoOptions, echo=print) -> dict:
+    output = Path(options.output)
     check_demo_output(output)
-    results: dict = {}
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise UpcycleError(f"the embedded demo model is missing from {DEMO_MODEL}; "
+                           "reinstall upcycle or run recipes/train_demo_source.py")
+    progress = Progress(echo)
     with atomic_output_dir(output, overwrite=True) as partial:
-        torch.manual_seed(0)
-        config = MixtralConfig(**json.loads(DEMO_CONFIG.read_text()))
-        source = MixtralForCausalLM(config).eval()
-        source.save_pretrained(partial / "source")
-        echo(f"built a {sum(p.numel() for p in source.parameters()):,}-parameter Mixtral from {DEMO_CONFIG.name}")
-        report = convert(partial / "source", partial / "moepp", ConvertOptions(), command="upcycle demo")
-        echo(f"converted: +{report.added_parameters:,} parameters in {report.added_tensors} new tensors")
-        echo(format_summary(inspect_checkpoint(partial / "moepp")))
-        check = verify(partial / "source", partial / "moepp")
-        echo(f"verify: largest logit difference {check.max_logit_difference:.2e}, "
-             f"greedy generation {'identical' if check.greedy_generation_equal else 'DIFFERENT'}")
-        results["verify"] = {"max_logit_difference": check.max_logit_difference,
-                             "greedy_generation_equal": check.greedy_generation_equal}
-        results["budget_knob"] = budget_sweep(partial / "moepp", echo)
+        data = partial / "data"
+        write_corpus(data)
+        tokenizer = load_checkpoint_tokenizer(DEMO_MODEL)
+        parts = load_token_blocks(data / "heldout.txt", tokenizer, BLOCK_SIZE, heldout_fraction=0.5)
+        heldout = torch.cat([parts.train, parts.heldout])[: options.max_heldout_blocks]  # (n, L) held-out docs
+        calibration = load_token_blocks(data / "train.txt", tokenizer, BLOCK_SIZE).train[: options.calibration_blocks]
+        source = load_causal_lm(DEMO_MODEL)
+        source_report = evaluate_model(source, heldout)
+        progress(f"source: perplexity {source_report.perplexity:.2f} on {source_report.tokens:,} held-out tokens")
+        moepp = partial / "moepp"
+        convert(DEMO_MODEL, moepp, ConvertOptions(), command="upcycle demo")
+        progress("converted to MoE++ (function-preserving)")
+
+        results = {"source": summary(source_report, "source"), "budgets": []}
+        points = [results["source"]]
+        for target in BUDGETS:
+            baseline = best_baseline(source, calibration, heldout, target)
+            progress(f"budget {target:g}: baseline ({baseline['rule']}) perplexity {baseline['perplexity']:.2f}")
+            budget = {"baseline": baseline} | run_budget(target, moepp, partial, data, heldout, source, options,
+                                                         progress)
+            points += [budget["baseline"], budget["calibrated"], budget["trained"]]
+            results["budgets"].append(budget)
+
+        plots = partial / "plots"
+        write_quality_vs_compute(points, plots / "perplexity_vs_ffn_experts.png",
+                                 title="held-out perplexity vs FFN experts per token")
+        lowest = results["budgets"][-1]
+        write_eval_plots(lowest["_trained_report"].as_dict(), plots)
+        kinds = ffn_experts_by_token_kind(lowest.pop("_trained_model"), heldout[:32], tokenizer)
+        write_token_kind_plot(kinds, plots / "ffn_experts_by_token_kind.png")
+        results["token_kinds"] = kinds
+        for budget in results["budgets"]:
+            budget.pop("_trained_model", None)
+            budget.pop("_trained_report", None)
         (partial / DEMO_MARKER).write_text(json.dumps(results, indent=2) + "\n")
-    echo(f"wrote {output}")
+        echo(format_table(results))
+    progress(f"wrote {output.resolve()} (results.json, plots/, checkpoints)")
     return results
 
 
-@torch.no_grad()
-def budget_sweep(checkpoint: Path, echo) -> list[dict]:
-    """Raise every selection bias by hand and show FFN experts per token falling (no training)."""
-    model = load_causal_lm(checkpoint)
-    tokens = probe_tokens(model.config.vocab_size, batch=4, length=64)
-    rows = []
-    for bias in (float("-inf"), -0.5, 0.0, 0.5, 2.0):
-        for block in model.moe_blocks():
-            block.gate.selection_bias.fill_(bias)
-        stats = model(tokens, output_router_logits=True).routing_statistics
-        row = {"selection_bias": bias, "ffn_experts_per_token": stats["ffn_experts_per_token"].mean().item()}
-        rows.append(row)
-        echo(f"  selection bias {bias:>5}: {row['ffn_experts_per_token']:.2f} FFN experts per token")
-    return rows
+def write_token_kind_plot(kinds: dict, path: Path) -> Path:
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(4.5, 3.2))
+    names = list(kinds)
+    axes.bar(names, [kinds[name]["ffn_experts_per_token"] for name in names], color="#4c72b0")
+    axes.set_ylabel("FFN experts per token")
+    axes.set_title("by kind of token (lowest budget, trained)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

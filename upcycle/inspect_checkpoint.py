@@ -67,7 +67,7 @@ def inspect_checkpoint(path: Path) -> CheckpointSummary:
     moepp_spec = _moepp_spec(config)
     spec = moepp_spec or family_for_config(config)
     n_ffn, top_k = spec.n_experts(config), spec.top_k(config)
-    moe_layers = spec.moe_layers(config)
+    moe_layers = spec.moe_layer_indices(config)
     experts = {"ffn": n_ffn}
     if moepp_spec:
         experts |= {kind: int(config.get(f"n_{kind}_experts", 0)) for kind in ("zero", "copy", "constant")}

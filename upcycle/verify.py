@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from .checkpoint.source import read_config
+from .converters import FAMILIES
 from .errors import UpcycleError
 
 
@@ -22,11 +23,20 @@ class VerifyReport:
         return self.max_logit_difference <= self.tolerance and self.greedy_generation_equal
 
 
+def own_source_class(config: dict):
+    """The project's own class for a source family transformers lacks (OpenMoE: model_type "llama"), else None."""
+    architectures = config.get("architectures") or []
+    for spec in FAMILIES:
+        if spec.source_class_loader is not None and architectures and architectures[0] in spec.architectures:
+            return spec.source_model_class()
+    return None
+
+
 def load_causal_lm(path: Path, remote_code: bool = False):
     """Load a checkpoint in float32 on the CPU, turning any loading failure into one sentence."""
-    read_config(Path(path))
+    model_class = own_source_class(read_config(Path(path))) or AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote_code)
+        model = model_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote_code)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UpcycleError(f"cannot load {path}: {first_line}") from error

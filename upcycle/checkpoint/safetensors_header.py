@@ -28,8 +28,28 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where a tensor's bytes lie in a safetensors file: [begin, end) after the data start."""
+
+    info: TensorInfo
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    data_start: int  # 8 + header length: the file offset of byte 0 of the data section
+    spans: dict[str, TensorSpan]  # tensor name -> dtype, shape, data offsets
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor names -> dtype and shape; raises UpcycleError if the file is truncated or not safetensors."""
+    return {name: span.info for name, span in read_layout(path).spans.items()}
+
+
+def read_layout(path: Path) -> SafetensorsLayout:
+    """Every tensor's dtype, shape and byte offsets, checked against the file size (no tensor data is read)."""
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -44,7 +64,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise UpcycleError(f"{path} is not a valid safetensors file (unreadable header)") from error
     except OSError as error:
         raise UpcycleError(f"cannot read {path}: {error.strerror}") from error
-    tensors: dict[str, TensorInfo] = {}
+    if not isinstance(raw, dict):
+        raise UpcycleError(f"{path} is not a valid safetensors file (header is not a JSON object)")
+    spans: dict[str, TensorSpan] = {}
     data_end = 0
     for name, entry in raw.items():
         if name == "__metadata__":
@@ -55,12 +77,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             expected = info.numel * DTYPE_BYTES[info.dtype]
         except (KeyError, TypeError, ValueError) as error:
             raise UpcycleError(f"{path} is not a valid safetensors file (bad entry for {name})") from error
-        if end - begin != expected:
+        if end - begin != expected or begin < 0:
             raise UpcycleError(f"{path} is corrupt: tensor {name} has {end - begin} bytes, expected {expected}")
         data_end = max(data_end, end)
-        tensors[name] = info
+        spans[name] = TensorSpan(info, begin, end)
     if 8 + header_length + data_end > file_size:
         raise UpcycleError(
             f"{path} is truncated: it has {file_size} bytes but its header describes {8 + header_length + data_end}"
         )
-    return tensors
+    return SafetensorsLayout(8 + header_length, spans)

@@ -1,10 +1,14 @@
 """Source families, each a spec, and the registry that picks one from a config."""
 
 from ..errors import UpcycleError
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from .mixtral import MIXTRAL
+from .olmoe import OLMOE
+from .openmoe import OPENMOE
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 from .spec import ExpertKeyLayout, FamilySpec
 
-FAMILIES: tuple[FamilySpec, ...] = (MIXTRAL,)
+FAMILIES: tuple[FamilySpec, ...] = (MIXTRAL, OPENMOE, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3)
 
 
 def supported_families() -> str:

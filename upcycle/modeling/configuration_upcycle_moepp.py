@@ -7,7 +7,14 @@ its sibling files (relative imports), never `upcycle`.
 import dataclasses
 
 from huggingface_hub.dataclasses import strict
-from transformers import MixtralConfig
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 ZERO_EXPERT_SEMANTICS = ("drop_and_renormalize", "keep_weight")
 
@@ -35,6 +42,13 @@ class MoePPFields:
     def n_zero_computation_experts(self) -> int:
         return self.n_zero_experts + self.n_copy_experts + self.n_constant_experts
 
+    def moe_layers(self) -> list[int]:
+        """Indices of the decoder layers that are MoE layers (every layer unless the family says otherwise).
+
+        The gating residual links consecutive entries of this list; the first has no residual matrix.
+        """
+        return list(range(self.num_hidden_layers))
+
     def validate_moepp_fields(self) -> None:
         counts = {"zero": self.n_zero_experts, "copy": self.n_copy_experts, "constant": self.n_constant_experts}
         for name, count in counts.items():
@@ -60,4 +74,94 @@ class MoePPMixtralConfig(MixtralConfig, MoePPFields):
         super().__post_init__(**kwargs)
 
 
-__all__ = ["MoePPFields", "MoePPMixtralConfig", "ZERO_EXPERT_SEMANTICS"]
+def _qwen_moe_layers(config) -> list[int]:
+    """Qwen-MoE's rule (Qwen2MoeDecoderLayer): not in mlp_only_layers, and (i + 1) % decoder_sparse_step == 0."""
+    return [
+        layer for layer in range(config.num_hidden_layers)
+        if layer not in (config.mlp_only_layers or [])
+        and config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
+    ]
+
+
+@strict
+class MoePPQwen2MoeConfig(Qwen2MoeConfig, MoePPFields):
+    """A Qwen2-MoE config (shared expert with a sigmoid gate) with MoE++ fields."""
+
+    model_type = "moepp_qwen2_moe"
+    source_model_type: str = "qwen2_moe"
+
+    def __post_init__(self, **kwargs):
+        self.validate_moepp_fields()
+        super().__post_init__(**kwargs)
+
+    def moe_layers(self) -> list[int]:
+        return _qwen_moe_layers(self)
+
+
+@strict
+class MoePPQwen3MoeConfig(Qwen3MoeConfig, MoePPFields):
+    """A Qwen3-MoE config with MoE++ fields."""
+
+    model_type = "moepp_qwen3_moe"
+    source_model_type: str = "qwen3_moe"
+
+    def __post_init__(self, **kwargs):
+        self.validate_moepp_fields()
+        super().__post_init__(**kwargs)
+
+    def moe_layers(self) -> list[int]:
+        return _qwen_moe_layers(self)
+
+
+@strict
+class MoePPOlmoeConfig(OlmoeConfig, MoePPFields):
+    """An OLMoE config with MoE++ fields (every layer is an MoE layer)."""
+
+    model_type = "moepp_olmoe"
+    source_model_type: str = "olmoe"
+
+    def __post_init__(self, **kwargs):
+        self.validate_moepp_fields()
+        super().__post_init__(**kwargs)
+
+
+@strict
+class MoePPDeepseekV2Config(DeepseekV2Config, MoePPFields):
+    """A DeepSeek-V2 config with MoE++ fields; the first `first_k_dense_replace` layers stay dense."""
+
+    model_type = "moepp_deepseek_v2"
+    source_model_type: str = "deepseek_v2"
+
+    def __post_init__(self, **kwargs):
+        self.validate_moepp_fields()
+        super().__post_init__(**kwargs)
+
+    def moe_layers(self) -> list[int]:
+        return list(range(self.first_k_dense_replace, self.num_hidden_layers))
+
+
+@strict
+class MoePPDeepseekV3Config(DeepseekV3Config, MoePPFields):
+    """A DeepSeek-V3 config with MoE++ fields; the first `first_k_dense_replace` layers stay dense."""
+
+    model_type = "moepp_deepseek_v3"
+    source_model_type: str = "deepseek_v3"
+
+    def __post_init__(self, **kwargs):
+        self.validate_moepp_fields()
+        super().__post_init__(**kwargs)
+
+    def moe_layers(self) -> list[int]:
+        return list(range(self.first_k_dense_replace, self.num_hidden_layers))
+
+
+__all__ = [
+    "ZERO_EXPERT_SEMANTICS",
+    "MoePPDeepseekV2Config",
+    "MoePPDeepseekV3Config",
+    "MoePPFields",
+    "MoePPMixtralConfig",
+    "MoePPOlmoeConfig",
+    "MoePPQwen2MoeConfig",
+    "MoePPQwen3MoeConfig",
+]

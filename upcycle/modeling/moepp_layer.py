@@ -49,15 +49,24 @@ class MoePPRouter(nn.Module):
     `weight` is the source router, kept under its name and bytes. The new parts are neutral at conversion:
     zero rows for zero-computation experts, a zero gating-residual matrix, and a selection bias of -inf so that
     no zero-computation expert is ever chosen until the budget knob raises it.
+
+    This class is the softmax router (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2 greedy): probabilities are a softmax
+    over the switched-on experts, selection is the top-k of logits + selection bias, and the family's top-k
+    normalisation and scaling factor follow. Families with other routing subclass it and override
+    `routing_probabilities`, `select_experts` or `top_k_weights`; statistics and the balance loss call the same
+    methods, so every consumer reads one definition of the family's routing.
     """
 
     def __init__(self, layout: ExpertLayout, hidden_size: int, top_k: int, has_residual: bool,
-                 renormalize: bool, zero_expert_semantics: str):
+                 renormalize: bool, zero_expert_semantics: str, scaling_factor: float = 1.0,
+                 logits_in_float32: bool = False):
         super().__init__()
         self.layout = layout
         self.top_k = top_k
-        self.renormalize = renormalize
+        self.renormalize = renormalize  # the family renormalises its top-k weights to sum to 1
         self.zero_expert_semantics = zero_expert_semantics
+        self.scaling_factor = scaling_factor  # DeepSeek's routed_scaling_factor; 1.0 elsewhere
+        self.logits_in_float32 = logits_in_float32  # DeepSeek computes router logits in fp32
         self.weight = nn.Parameter(torch.empty(layout.n_ffn, hidden_size))  # (N, D) source router
         # (Z, D) zero rows: zero-computation logits start at 0, and the -inf selection bias keeps them unselected
         self.zero_computation_weight = nn.Parameter(torch.zeros(layout.n_zero_computation, hidden_size))
@@ -65,22 +74,50 @@ class MoePPRouter(nn.Module):
         self.residual_weight = (
             nn.Parameter(torch.zeros(layout.n_total, layout.n_total)) if has_residual else None
         )
-        # (Z,) selection-only bias (not trained): added to the logits for top-k selection, not to the weights
+        # (Z,) selection-only bias (not trained): added to the scores for top-k selection, not to the weights
         self.register_buffer("selection_bias", torch.full((layout.n_zero_computation,), float("-inf")))
+
+    def compute_logits(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None) -> torch.Tensor:
+        """G_j = W_j x + W_g^j G_{j-1}: hidden_states (T, D), previous_logits (T, N+Z) or None -> (T, N+Z) fp32."""
+        router_weight = torch.cat([self.weight, self.zero_computation_weight.to(self.weight.dtype)])  # (N+Z, D)
+        if self.logits_in_float32:
+            logits = F.linear(hidden_states.float(), router_weight.float())  # (T, N+Z)
+        else:
+            logits = F.linear(hidden_states, router_weight.to(hidden_states.dtype)).float()  # model dtype, then fp32
+        if self.residual_weight is not None and previous_logits is not None:
+            logits = logits + F.linear(previous_logits.float(), self.residual_weight.float())
+        return logits
+
+    def _bias(self, selection_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.selection_bias if selection_bias is None else selection_bias
+
+    def routing_probabilities(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z): the family's router probabilities (softmax over switched-on experts)."""
+        return routing_probabilities(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn)
+
+    def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one)."""
+        return select_experts(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn, self.top_k)
+
+    def top_k_weights(self, logits: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z), (T, k) -> (T, k): gathered probabilities, Zero semantics, family normalisation, scaling."""
+        weights = self.routing_probabilities(logits).gather(-1, top_k_index)  # (T, k)
+        weights = normalize_top_k_weights(
+            weights, top_k_index, self.layout, self.renormalize, self.zero_expert_semantics
+        )
+        return weights * self.scaling_factor if self.scaling_factor != 1.0 else weights
 
     def forward(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None = None):
         """hidden_states (T, D); previous_logits (T, N+Z) or None -> logits (T, N+Z), weights (T, k), index (T, k)."""
-        router_weight = torch.cat([self.weight, self.zero_computation_weight], dim=0)  # (N+Z, D)
-        logits = F.linear(hidden_states, router_weight).float()  # (T, N+Z), router math in fp32
-        if self.residual_weight is not None and previous_logits is not None:
-            logits = logits + F.linear(previous_logits.float(), self.residual_weight.float())
-        probabilities = routing_probabilities(logits, self.selection_bias, self.layout.n_ffn)  # (T, N+Z)
-        top_k_index = select_experts(logits, self.selection_bias, self.layout.n_ffn, self.top_k)  # (T, k)
-        top_k_weights = probabilities.gather(-1, top_k_index)  # (T, k)
-        top_k_weights = normalize_top_k_weights(
-            top_k_weights, top_k_index, self.layout, self.renormalize, self.zero_expert_semantics
-        )
-        return logits, top_k_weights, top_k_index
+        logits = self.compute_logits(hidden_states, previous_logits)
+        top_k_index = self.select_experts(logits)
+        return logits, self.top_k_weights(logits, top_k_index), top_k_index
+
+
+def switched_on_mask(selection_bias: torch.Tensor, n_ffn: int) -> torch.Tensor:
+    """(Z,) -> (N+Z,) bool: FFN experts and the zero-computation experts whose selection bias is not -inf."""
+    return torch.cat([torch.ones(n_ffn, dtype=torch.bool, device=selection_bias.device),
+                      ~torch.isneginf(selection_bias)])
 
 
 def routing_probabilities(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int) -> torch.Tensor:
@@ -90,10 +127,9 @@ def routing_probabilities(logits: torch.Tensor, selection_bias: torch.Tensor, n_
     conversion the FFN probabilities are exactly the source's, also for families that do not renormalise their
     top-k weights, and setting every bias to -inf turns a trained MoE++ model back into its source's routing.
     """
-    switched_off = torch.isneginf(selection_bias)  # (Z,)
-    mask = torch.cat([selection_bias.new_zeros(n_ffn), torch.zeros_like(selection_bias).masked_fill(switched_off,
-                                                                                                     float("-inf"))])
-    return torch.softmax(logits + mask.float(), dim=-1)
+    mask = torch.zeros(logits.shape[-1], device=logits.device).masked_fill(
+        ~switched_on_mask(selection_bias, n_ffn), float("-inf"))  # (N+Z,)
+    return torch.softmax(logits + mask, dim=-1)
 
 
 def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
@@ -103,15 +139,41 @@ def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: in
     return torch.topk(scores, top_k, dim=-1).indices
 
 
+def limit_to_groups(ffn_scores: torch.Tensor, group_scores: torch.Tensor, top_groups: int) -> torch.Tensor:
+    """Group-limited routing (DeepSeek): keep the FFN experts of the `top_groups` best groups, -inf elsewhere.
+
+    ffn_scores (T, N) selection scores of the FFN experts in G equal groups, group_scores (T, G) -> (T, N).
+    Zero-computation experts sit outside every group: each device holds all of them, which is what the group
+    limit (a bound on the devices a token reaches) is about.
+    """
+    n_tokens, n_groups = group_scores.shape
+    chosen = torch.topk(group_scores, top_groups, dim=-1, sorted=False).indices  # (T, top_groups)
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen, True)  # (T, G)
+    expert_mask = group_mask.unsqueeze(-1).expand(n_tokens, n_groups, ffn_scores.shape[-1] // n_groups)
+    return ffn_scores.masked_fill(~expert_mask.reshape(n_tokens, -1), float("-inf"))
+
+
 def normalize_top_k_weights(weights: torch.Tensor, index: torch.Tensor, layout: ExpertLayout,
                             renormalize: bool, zero_expert_semantics: str) -> torch.Tensor:
-    """Apply the family's top-k normalisation and the Zero-expert semantics: weights (T, k) -> (T, k)."""
-    is_zero = (index >= layout.n_ffn) & (index < layout.copy_start)  # (T, k)
+    """Apply the Zero-expert semantics and the family's top-k normalisation: weights (T, k) -> (T, k).
+
+    drop_and_renormalize: a selected Zero expert's weight is set to 0 and the other selected experts share the
+    mass that all k had: 1 for families that renormalise (official MoE++ 7B), sum of the k gathered weights for
+    those that do not. keep_weight: the Zero expert keeps its weight (its output is 0); the family's own
+    normalisation applies unchanged.
+    """
+    tiny = torch.finfo(weights.dtype).tiny
     if zero_expert_semantics == "drop_and_renormalize":
-        weights = weights.masked_fill(is_zero, 0.0)
+        is_zero = (index >= layout.n_ffn) & (index < layout.copy_start)  # (T, k)
+        kept = weights.masked_fill(is_zero, 0.0)
+        if renormalize:
+            # Two Zero experts leave a zero sum: the layer then adds nothing (the token skips it).
+            return kept / kept.sum(dim=-1, keepdim=True).clamp_min(tiny)
+        # Without a Zero expert the ratio is x / x = 1 exactly: conversion stays function-preserving.
+        mass = weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(tiny)
+        return kept * mass
     if renormalize:
-        # Two Zero experts leave a zero sum: the layer then adds nothing (the token skips it).
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(tiny)
     return weights
 
 
@@ -163,10 +225,12 @@ def ffn_slots(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_ffn: int
 
 def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list[torch.Tensor],
                        layout: ExpertLayout, top_k: int, token_mask: torch.Tensor | None,
-                       balance_tau: float) -> dict[str, torch.Tensor]:
+                       balance_tau: float, routers: list[MoePPRouter] | None = None) -> dict[str, torch.Tensor]:
     """Per-MoE-layer routing statistics and the heterogeneous balance loss, from one source of truth.
 
     router_logits: one (T, N+Z) tensor per MoE layer; token_mask (T,) of 1 for real tokens, or None.
+    routers: the MoE layers' routers; when given, selection and probabilities are the family's own
+    (`MoePPRouter.select_experts`, `routing_probabilities`), else the softmax router's.
     Returns tensors of shape (L,) per statistic, and `balance_loss` (scalar, mean over layers):
     L_b = (N+Z) * sum_i eta_i f_i P_i, eta_i = 1 for FFN experts and tau for zero-computation experts,
     f_i = share of routed slots that chose expert i, P_i = mean router probability of expert i.
@@ -182,14 +246,20 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     per_layer["ffn_experts_per_token"] = []
     per_layer["balance_loss"] = []
     per_layer["expert_share"] = []
-    for logits, bias in zip(router_logits, selection_biases):
+    routers = routers if routers is not None else [None] * len(router_logits)
+    for logits, bias, router in zip(router_logits, selection_biases, routers):
         logits = logits.float()
+        bias = bias.to(logits.device)
         mask = torch.ones(logits.shape[0], device=logits.device) if token_mask is None else token_mask.float()
         n_tokens = mask.sum().clamp_min(1.0)
-        index = select_experts(logits, bias.to(logits.device), layout.n_ffn, top_k)  # (T, k)
+        if router is None:
+            index = select_experts(logits, bias, layout.n_ffn, top_k)  # (T, k)
+            probabilities = routing_probabilities(logits, bias, layout.n_ffn)  # (T, N+Z)
+        else:
+            index = router.select_experts(logits, bias)
+            probabilities = router.routing_probabilities(logits, bias)
         slot_counts = F.one_hot(index, layout.n_total).float().sum(dim=1)  # (T, N+Z)
         expert_share = (slot_counts * mask[:, None]).sum(dim=0) / (n_tokens * top_k)  # (N+Z,) f_i, sums to 1
-        probabilities = routing_probabilities(logits, bias.to(logits.device), layout.n_ffn)  # (T, N+Z)
         mean_probability = (probabilities * mask[:, None]).sum(dim=0) / n_tokens  # (N+Z,)
         weighted = eta.to(logits.device) * expert_share * mean_probability
         per_layer["balance_loss"].append(layout.n_total * weighted.sum())

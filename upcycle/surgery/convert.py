@@ -1,19 +1,28 @@
 """`upcycle convert`: stream a source checkpoint into an MoE++ checkpoint that computes exactly what it did.
 
-Every source shard is copied byte for byte (no tensor is decoded: the source's tensors keep names, bytes and
-layout); the new MoE++ tensors go into a shard of their own and the index maps every key. Peak memory: the new
-tensors only (a few MB even for Mixtral-8x7B).
+SOURCE is a local folder or a Hub repo id (fetched into the Hub cache, only the files needed). Every shape is
+checked before a byte is written. Each source shard then becomes one output shard, renamed: reflinked,
+hard-linked or copied byte for byte when its bytes do not change (no tensor decoded), rewritten one chunk at a
+time when they do (`--dtype` casts, PyTorch .bin sources). The new MoE++ tensors go into a shard of their own
+and the index maps every key. Peak memory: a 64 MB chunk and the new tensors (a few MB even for Mixtral-8x7B);
+a .bin shard is memory mapped, one shard at a time.
 """
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype, torch_dtype
+from ..checkpoint.hashing import COMPUTED, check_against_hub_cache, sources_sha256
+from ..checkpoint.hub_source import resolve_source
+from ..checkpoint.linking import LINK_MODES, link_file
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_with_sha256
-from ..checkpoint.source import INDEX_FILE, open_source
+from ..checkpoint.safetensors_header import DTYPE_BYTES
+from ..checkpoint.shard_rewrite import rewrite_pickle_shard, rewrite_safetensors_shard
+from ..checkpoint.source import INDEX_FILE, PICKLE, SourceCheckpoint, open_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
 from ..model_card import write_model_card
@@ -21,10 +30,8 @@ from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
 from ..modeling.configuration_upcycle_moepp import ZERO_EXPERT_SEMANTICS
 from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
-from ..checkpoint.safetensors_header import DTYPE_BYTES
 from .new_tensors import count_parameters, new_tensors
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
-
 
 
 def output_shard_names(source_shards: list[str]) -> tuple[dict[str, str], str]:
@@ -46,8 +53,11 @@ class ConvertOptions:
     n_copy: int | None = None
     n_constant: int | None = None
     gating_residual: bool = True
-    zero_expert_semantics: str = "drop_and_renormalize"
+    zero_expert_semantics: str | None = None  # None: the family default (docs/families.md)
     overwrite: bool = False
+    link: str = "auto"  # unchanged shards: auto (reflink, else copy), reflink, hard or copy
+    dtype: str | None = None  # bfloat16, float16 or float32: cast floating-point tensors; None keeps every dtype
+    revision: str | None = None  # branch, tag or commit of a Hub repo id SOURCE
 
     def counts(self, n_ffn: int) -> ZeroComputationCounts:
         default = ZeroComputationCounts.paper_default(n_ffn)
@@ -68,32 +78,97 @@ class ConversionReport:
     source_parameters: int
 
 
-def convert(source_path: Path, output: Path, options: ConvertOptions, command: str = "") -> ConversionReport:
-    """Validate everything, then write the MoE++ checkpoint atomically; the source is only read."""
-    source_path, output = Path(source_path), Path(output)
-    if options.zero_expert_semantics not in ZERO_EXPERT_SEMANTICS:
+@dataclass(frozen=True)
+class ShardResult:
+    sha256: str  # of the source file, for provenance ("" until a linked shard's source is hashed)
+    sha256_from: str  # "computed" or "hub-cache-blob-name"
+    written_by: str  # reflink, hard link, copy, cast to <dtype>, or .bin to safetensors
+
+
+def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options: ConvertOptions) -> ShardResult:
+    """One source shard -> one output shard: linked or copied when its bytes stay, rewritten when they change."""
+    source_file, target = source.path / shard, target_dtype(options.dtype)
+    if source.weight_format == PICKLE:
+        digest = rewrite_pickle_shard(source_file, destination, target)
+        check_against_hub_cache(source_file, digest)
+        return ShardResult(digest, COMPUTED, ".bin to safetensors" + (f", cast to {options.dtype}" * bool(target)))
+    names = [name for name, file in source.weight_map.items() if file == shard]
+    if any(output_dtype(source.tensors[name].dtype, target) != source.tensors[name].dtype for name in names):
+        digest = rewrite_safetensors_shard(source_file, destination, target)
+        check_against_hub_cache(source_file, digest)
+        return ShardResult(digest, COMPUTED, f"cast to {options.dtype}")
+    linked = link_file(source_file, destination, options.link)
+    if linked is None:
+        digest = copy_with_sha256(source_file, destination)
+        check_against_hub_cache(source_file, digest)
+        return ShardResult(digest, COMPUTED, "copy")
+    return ShardResult("", "", linked)  # hashed afterwards, all linked shards in parallel
+
+
+def hash_linked_sources(source: SourceCheckpoint, shards: dict[str, ShardResult]) -> dict[str, ShardResult]:
+    """Fill in the sha256 of the shards that were linked (not read): from the Hub cache's blob names, or read."""
+    pending = [shard for shard, result in shards.items() if not result.sha256]
+    hashes = sources_sha256([source.path / shard for shard in pending])
+    return shards | {shard: replace(shards[shard], sha256=digest, sha256_from=sha256_from)
+                     for shard, (digest, sha256_from) in zip(pending, hashes)}
+
+
+def _check_options(options: ConvertOptions) -> str | None:
+    """Refuse bad option values before any I/O; returns the target safetensors dtype (None: keep)."""
+    if options.zero_expert_semantics not in (None, *ZERO_EXPERT_SEMANTICS):
         raise UpcycleError(f"zero-expert semantics must be one of {', '.join(ZERO_EXPERT_SEMANTICS)}")
-    source = open_source(source_path)
+    if options.link not in LINK_MODES:
+        raise UpcycleError(f"--link must be one of {', '.join(LINK_MODES)}, got {options.link!r}")
+    return target_dtype(options.dtype)
+
+
+def _set_config_dtype(config: dict, dtype_name: str) -> None:
+    """The config's dtype says what the weights are: transformers 5 writes `dtype`, older configs `torch_dtype`."""
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+    for key in keys:
+        config[key] = dtype_name
+
+
+def convert(source_path: Path | str, output: Path, options: ConvertOptions, command: str = "") -> ConversionReport:
+    """Validate everything, then write the MoE++ checkpoint atomically; the source is only read."""
+    output = Path(output)
+    target = _check_options(options)
+    resolved_source = resolve_source(source_path, options.revision)
+    source = open_source(resolved_source.path)
     spec = family_for_config(source.config)
     plan = plan_conversion(source, spec, options.counts(spec.n_experts(source.config)))
-    check_output_path(output, options.overwrite, protected=(source_path,))
+    check_output_path(output, options.overwrite, protected=(resolved_source.path,))
+    if target is not None:
+        quantized = sorted(name for name, info in source.tensors.items() if info.dtype in QUANTIZED)
+        if quantized:
+            raise UpcycleError(
+                f"--dtype cannot convert quantized tensors such as {quantized[0]} (FP8 with block scales); "
+                "leave --dtype out to keep them as they are"
+            )
     added = new_tensors(plan, options.gating_residual)
+    if target is not None:  # the new tensors are 0 and -inf: exact in every target dtype
+        added = {name: tensor.to(torch_dtype(target)) for name, tensor in added.items()}
     clashes = sorted(set(added) & set(source.tensors))
     if clashes:
         raise UpcycleError(f"the source already has tensor {clashes[0]}; is it already converted?")
     config = moepp_config(source.config, plan, options.gating_residual, options.zero_expert_semantics)
+    if options.dtype is not None:
+        _set_config_dtype(config, options.dtype)
 
     with atomic_output_dir(output, options.overwrite) as partial:
         shard_names, new_shard = output_shard_names(source.shard_files)
-        hashes = {
-            shard: copy_with_sha256(source.path / shard, partial / shard_names[shard]) for shard in source.shard_files
+        shards = {
+            shard: write_shard(source, shard, partial / shard_names[shard], options)
+            for shard in source.shard_files
         }
+        shards = hash_linked_sources(source, shards)
         save_file(added, str(partial / new_shard), metadata={"format": "pt"})
         weight_map = {name: shard_names[shard] for name, shard in source.weight_map.items()}
         weight_map |= {name: new_shard for name in added}
-        total_size = sum(info.numel * DTYPE_BYTES[info.dtype] for info in source.tensors.values()) + sum(
-            tensor.numel() * tensor.element_size() for tensor in added.values()
-        )  # tensor bytes, headers excluded (transformers' convention)
+        total_size = sum(
+            info.numel * DTYPE_BYTES[output_dtype(info.dtype, target)] for info in source.tensors.values()
+        ) + sum(tensor.numel() * tensor.element_size() for tensor in added.values())
+        # tensor bytes, headers excluded (transformers' convention)
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -101,11 +176,21 @@ def convert(source_path: Path, output: Path, options: ConvertOptions, command: s
             shutil.copyfile(MODELING_DIR / name, partial / name)
         for name in source.extra_files():
             shutil.copyfile(source.path / name, partial / name)
-        resolved = asdict(options) | {"n_zero": plan.counts.zero, "n_copy": plan.counts.copy,
+        resolved = asdict(options) | {"zero_expert_semantics": config["zero_expert_semantics"],
+                                      "n_zero": plan.counts.zero, "n_copy": plan.counts.copy,
                                       "n_constant": plan.counts.constant}
-        record = conversion_record(str(source_path), hashes, resolved, command)
+        record = conversion_record(str(source_path), {shard: result.sha256 for shard, result in shards.items()},
+                                   resolved, command)
+        record["source_files"] = {
+            shard: {"output_file": shard_names[shard], "written_by": result.written_by,
+                    "sha256_from": result.sha256_from}
+            for shard, result in shards.items()
+        }
+        if resolved_source.repo_id is not None:
+            record["source_commit"] = resolved_source.commit
         write_provenance(partial, record)
-        write_model_card(partial, output.name, config, record)
+        write_model_card(partial, name=output.name, base_model=resolved_source.repo_id,
+                         source_dir=resolved_source.path)
 
     return ConversionReport(
         output=output.resolve(),

@@ -5,15 +5,18 @@ from .plan import ConversionPlan
 
 
 def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: bool,
-                 zero_expert_semantics: str) -> dict:
+                 zero_expert_semantics: str | None = None) -> dict:
+    """None semantics: the family's default (drop_and_renormalize if it renormalises, keep_weight otherwise)."""
     spec = plan.spec
+    if zero_expert_semantics is None:
+        zero_expert_semantics = spec.default_zero_expert_semantics(source_config)
     config = {key: value for key, value in source_config.items() if key not in ("auto_map", "_name_or_path")}
     config.update(
         model_type=spec.moepp_model_type,
         architectures=[spec.moepp_model_class],
         auto_map={
-            "AutoConfig": f"configuration_upcycle_moepp.{spec.moepp_config_class}",
-            "AutoModelForCausalLM": f"modeling_upcycle_moepp.{spec.moepp_model_class}",
+            "AutoConfig": f"{spec.moepp_config_module}.{spec.moepp_config_class}",
+            "AutoModelForCausalLM": f"{spec.moepp_model_module}.{spec.moepp_model_class}",
         },
         n_zero_experts=plan.counts.zero,
         n_copy_experts=plan.counts.copy,

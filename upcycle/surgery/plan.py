@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import transformers
 
 from ..checkpoint.source import SourceCheckpoint
 from ..converters import FamilySpec
@@ -50,7 +49,7 @@ class ConversionPlan:
 
 def source_config_object(spec: FamilySpec, config: dict):
     """transformers' config object for the source, from plain JSON (no remote code)."""
-    source_class = getattr(transformers, spec.source_class)
+    source_class = spec.source_model_class()
     config_class = source_class.config_class
     fields = {key: value for key, value in config.items() if key not in ("model_type", "auto_map")}
     try:
@@ -61,7 +60,7 @@ def source_config_object(spec: FamilySpec, config: dict):
 
 def expected_shapes(spec: FamilySpec, config: dict) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape for transformers' source class, built on the meta device."""
-    source_class = getattr(transformers, spec.source_class)
+    source_class = spec.source_model_class()
     with torch.device("meta"):
         model = source_class(source_config_object(spec, config))
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -91,7 +90,7 @@ def _canonical_name(name: str, spec: FamilySpec, layer_patterns: list[re.Pattern
 def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComputationCounts | None,
                     ) -> ConversionPlan:
     """Validate every source tensor's name and shape; return what the surgery will add."""
-    config = source.config
+    config = spec.with_aliases(source.config)
     for field in (spec.n_experts_field, spec.top_k_field, "hidden_size", "num_hidden_layers"):
         if not isinstance(config.get(field), int):
             raise UpcycleError(f"config.json lacks the integer field {field!r} that a {spec.name} config has")
@@ -108,6 +107,8 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
         re.compile(re.escape(prefix).replace(re.escape("{layer}"), r"(\d+)")) for prefix in spec.moe_prefixes
     ]
     moe_layers = spec.moe_layers(config)
+    if not moe_layers:
+        raise UpcycleError(f"this {spec.name} config has no MoE layer, so there is nothing to convert")
     layouts_found = set()
     covered: set[str] = set()
     for name, info in sorted(source.tensors.items()):  # sorted: the same first error on every run

@@ -1,0 +1,1 @@
+"""Budget control: selection biases that set the mean number of FFN experts per token (calibration, training)."""

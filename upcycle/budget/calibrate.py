@@ -1,0 +1,295 @@
+"""`upcycle calibrate`: set the selection biases from data so that a target number of FFN experts per token holds.
+
+No training: only the saved selection biases change. How (docs/budget.md says why):
+- Per layer, not one global price: each MoE layer gets its own offset, so that every layer, not only the
+  average, lands on the target. Layers are calibrated front to back, because a layer's router input (hidden
+  states and the gating residual) depends on the routing of the layers before it.
+- Within a layer, one offset moves every zero-computation expert together, so the layer's FFN experts per token
+  is a non-increasing step function of the offset: bisection finds it. The bias does not change the layer's router
+  logits, only which experts win, so each layer needs one forward pass (stopped at that layer) and the bisection
+  runs on the captured logits.
+- Relative split: a layer whose biases are finite (trained or calibrated before) keeps their differences, and
+  a switched-off expert (-inf) stays off. A layer with every bias at -inf (fresh from `convert`) gets a ladder in
+  priority order, Zero first, then Constant, then Copy: each next type sits a gap below the previous one, the gap
+  being the layer's whole router-logit range on the calibration tokens, so types fill one after another. Zero
+  first because, untrained, it is the gentlest change: with Zero and one FFN expert selected, that expert gets
+  weight 1 (the source's top-1). Tokens then go to zero FFN experts through Constant (0.5 x before training),
+  then Copy (x).
+- Biases are rounded to the dtype stored in the checkpoint while searching, so what is saved is what was measured.
+The mean on held-out blocks (not the calibration blocks) is measured with the final biases and recorded.
+"""
+
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.output_dir import atomic_output_dir, check_output_path
+from ..checkpoint.source import read_config, read_weight_map
+from ..errors import UpcycleError
+from ..modeling.moepp_layer import select_experts
+from ..provenance import read_provenance, write_provenance
+
+DEFAULT_PRIORITY = ("zero", "constant", "copy")
+BISECTION_STEPS = 60
+TOLERANCE = 0.05  # |held-out FFN experts per token - target| the calibration promises on enough data
+SELECTION_BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*selection_bias$")
+
+
+@dataclass
+class CalibrateOptions:
+    """Every option of `upcycle calibrate`."""
+
+    target_ffn_per_token: float
+    batches: int = 8
+    batch_size: int = 8
+    block_size: int = 256
+    seed: int = 0
+    heldout_fraction: float = 0.1
+    max_tokens: int | None = None
+    text_field: str = "text"
+    priority: tuple[str, ...] = DEFAULT_PRIORITY
+    overwrite: bool = False
+
+    def validate(self, top_k: int, n_zero_computation: int) -> None:
+        fewest = max(top_k - n_zero_computation, 0)  # every zero-computation expert selected
+        if not fewest <= self.target_ffn_per_token <= top_k:
+            raise UpcycleError(f"the target must be between {fewest} and {top_k} FFN experts per token "
+                               f"(top-{top_k} with {n_zero_computation} zero-computation experts per layer)")
+        if self.batches < 1 or self.batch_size < 1 or self.block_size < 2:
+            raise UpcycleError("--batches and --batch-size must be at least 1, --block-size at least 2")
+        if sorted(self.priority) != sorted(DEFAULT_PRIORITY):
+            raise UpcycleError(f"the priority must name each of {', '.join(DEFAULT_PRIORITY)} once")
+
+
+@dataclass
+class LayerCalibration:
+    layer: int
+    offset: float  # the offset found by bisection, added to the layer's relative biases
+    calibration_ffn_experts_per_token: float  # on the calibration tokens
+    selection_bias: list[float] = field(default_factory=list)  # (Z,) as saved
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer being calibrated has its router logits."""
+
+
+def _type_of_slot(layout) -> list[str]:
+    """The type of each zero-computation expert, in the order of the (Z,) selection bias."""
+    return ["zero"] * layout.n_zero + ["copy"] * layout.n_copy + ["constant"] * layout.n_constant
+
+
+def relative_biases(current: torch.Tensor, layout, logits: torch.Tensor, priority: tuple[str, ...]) -> torch.Tensor:
+    """(Z,) biases up to the offset: the current ones if any is finite, else the priority ladder (see module doc)."""
+    if not torch.isneginf(current).all():
+        finite = current[torch.isfinite(current)]
+        return current.float() - finite.max().float()
+    gap = float(logits.max() - logits.min()) + 1.0  # the layer's whole logit range: types fill one by one
+    rank = {kind: position for position, kind in enumerate(priority)}
+    return torch.tensor([-gap * rank[kind] for kind in _type_of_slot(layout)], dtype=torch.float32)
+
+
+def ffn_experts_per_token(logits: torch.Tensor, bias: torch.Tensor, n_ffn: int, top_k: int) -> float:
+    """Mean number of FFN experts among each token's top-k: logits (T, N+Z), bias (Z,)."""
+    index = select_experts(logits, bias, n_ffn, top_k)  # (T, k)
+    return (index < n_ffn).sum(dim=-1).float().mean().item()
+
+
+def bisect_offset(logits: torch.Tensor, relative: torch.Tensor, n_ffn: int, top_k: int, target: float,
+                  stored_dtype: torch.dtype) -> tuple[float, torch.Tensor, float]:
+    """The offset whose (rounded) biases bring the layer's FFN experts per token closest to `target`.
+
+    Returns (offset, bias (Z,) float32, FFN experts per token reached on these logits).
+    """
+    logits = logits.float()
+    enabled = torch.isfinite(relative)
+
+    def biases(offset: float) -> torch.Tensor:
+        return (relative + offset).to(stored_dtype).float()
+
+    zero_computation = logits[:, n_ffn:][:, enabled] + relative[enabled]  # (T, Z_on)
+    low = float(logits[:, :n_ffn].min() - zero_computation.max()) - 1.0  # no zero-computation expert wins
+    high = float(logits[:, :n_ffn].max() - zero_computation.min()) + 1.0  # every enabled one wins
+    value_low = ffn_experts_per_token(logits, biases(low), n_ffn, top_k)
+    value_high = ffn_experts_per_token(logits, biases(high), n_ffn, top_k)
+    for _ in range(BISECTION_STEPS):  # invariant: value_low > target >= value_high (non-increasing in offset)
+        if value_low <= target or value_high > target:
+            break
+        middle = (low + high) / 2
+        value = ffn_experts_per_token(logits, biases(middle), n_ffn, top_k)
+        if value > target:
+            low, value_low = middle, value
+        else:
+            high, value_high = middle, value
+    offset, value = (low, value_low) if abs(value_low - target) < abs(value_high - target) else (high, value_high)
+    return offset, biases(offset), value
+
+
+@torch.no_grad()
+def layer_router_logits(model, layer: int, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Router logits (T, N+Z) of MoE layer `layer` on the batches, stopping each forward pass there."""
+    block = model.moe_blocks()[layer]
+    captured: list[torch.Tensor] = []
+
+    def capture(module, inputs, output):
+        captured.append(output[1].detach().float())  # MoE++ blocks return (output, router logits)
+        raise _StopForward
+
+    handle = block.register_forward_hook(capture)
+    try:
+        for batch in batches:
+            try:
+                model(batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@torch.no_grad()
+def calibrate_model(model, batches: list[torch.Tensor], target: float, priority: tuple[str, ...] = DEFAULT_PRIORITY,
+                    stored_dtype: torch.dtype = torch.float32) -> list[LayerCalibration]:
+    """Set every MoE layer's selection biases in place, front to back, so each layer reaches `target`."""
+    top_k = model.config.num_experts_per_tok
+    results = []
+    for layer, block in enumerate(model.moe_blocks()):
+        logits = layer_router_logits(model, layer, batches)  # (T, N+Z)
+        layout = block.layout
+        relative = relative_biases(block.gate.selection_bias, layout, logits[:, : layout.n_ffn], priority)
+        offset, bias, reached = bisect_offset(logits, relative, layout.n_ffn, top_k, target, stored_dtype)
+        block.gate.selection_bias.copy_(bias.to(block.gate.selection_bias.dtype))
+        results.append(LayerCalibration(layer, offset, reached, bias.tolist()))
+    return results
+
+
+@dataclass
+class CalibrationReport:
+    output: Path
+    target_ffn_per_token: float
+    heldout_ffn_experts_per_token: float
+    heldout_per_layer: list[float]
+    heldout_perplexity: float
+    calibration_tokens: int
+    heldout_tokens: int
+    layers: list[LayerCalibration]
+
+    @property
+    def within_tolerance(self) -> bool:
+        return abs(self.heldout_ffn_experts_per_token - self.target_ffn_per_token) <= TOLERANCE
+
+
+def _selection_bias_keys(checkpoint: Path, n_layers: int) -> tuple[dict[int, str], dict[str, str]]:
+    """Decoder-layer index -> the selection-bias tensor name on disk, and the weight map."""
+    weight_map = read_weight_map(checkpoint)
+    keys = {}
+    for name in weight_map:
+        if match := SELECTION_BIAS_KEY.search(name):
+            keys[int(match.group(1))] = name
+    if len(keys) != n_layers:
+        raise UpcycleError(f"{checkpoint} stores {len(keys)} selection biases for {n_layers} MoE layers; "
+                           "is it an MoE++ checkpoint made by upcycle convert?")
+    return keys, weight_map
+
+
+def _moe_layer_indices(model) -> list[int]:
+    """Decoder-layer index of each MoE block, read from the buffer names (model.layers.{i}...selection_bias)."""
+    indices = [int(match.group(1)) for name, _ in model.named_buffers()
+               if (match := SELECTION_BIAS_KEY.search(name))]
+    if len(indices) != len(model.moe_blocks()):
+        raise UpcycleError("cannot tell which decoder layer each MoE block belongs to")
+    return indices
+
+
+def _stored_dtype(checkpoint: Path, shard: str, key: str) -> torch.dtype:
+    """The dtype a selection bias is saved in (biases are rounded to it while searching)."""
+    from safetensors import safe_open
+
+    from ..checkpoint.dtypes import torch_dtype
+
+    with safe_open(str(checkpoint / shard), framework="pt") as reader:
+        return torch_dtype(reader.get_slice(key).get_dtype())
+
+
+def write_calibrated_checkpoint(checkpoint: Path, partial: Path, biases: dict[str, torch.Tensor],
+                                weight_map: dict[str, str]) -> None:
+    """Copy the checkpoint folder into `partial`, rewriting only the shard(s) that hold the selection biases."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards = {weight_map[key] for key in biases}
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_dir():
+            shutil.copytree(path, partial / path.name)
+        elif path.name not in shards:
+            shutil.copy2(path, partial / path.name)
+    for shard in sorted(shards):
+        with safe_open(str(checkpoint / shard), framework="pt") as reader:
+            metadata = reader.metadata()
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (safe_open is not a dict)  # a small shard: the MoE++ tensors
+        for key, value in biases.items():
+            if weight_map[key] == shard:
+                tensors[key] = value.to(tensors[key].dtype).reshape(tensors[key].shape)
+        save_file(tensors, str(partial / shard), metadata=metadata)
+
+
+def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptions,
+              command: str = "") -> CalibrationReport:
+    """Validate, calibrate on the data's train blocks, measure on its held-out blocks, write OUTPUT atomically."""
+    from ..data import load_checkpoint_tokenizer, load_token_blocks
+    from ..evaluate import evaluate_model
+    from ..verify import load_causal_lm
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    config = read_config(checkpoint)
+    if "n_zero_experts" not in config:
+        raise UpcycleError(f"{checkpoint} is not an MoE++ checkpoint (no zero-computation experts); "
+                           "run upcycle convert first")
+    n_zero_computation = sum(int(config.get(f"n_{kind}_experts", 0)) for kind in ("zero", "copy", "constant"))
+    options.validate(int(config["num_experts_per_tok"]), n_zero_computation)
+    check_output_path(output, options.overwrite, protected=(checkpoint,))
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    blocks = load_token_blocks(data, tokenizer, options.block_size, options.seed, options.heldout_fraction,
+                               options.max_tokens, options.text_field)
+    model = load_causal_lm(checkpoint)
+    layer_indices = _moe_layer_indices(model)
+    keys, weight_map = _selection_bias_keys(checkpoint, len(layer_indices))
+    stored = _stored_dtype(checkpoint, weight_map[keys[layer_indices[0]]], keys[layer_indices[0]])
+
+    calibration = blocks.train[: options.batches * options.batch_size]
+    batches = list(calibration.split(options.batch_size))
+    layers = calibrate_model(model, batches, options.target_ffn_per_token, tuple(options.priority), stored)
+    evaluation = evaluate_model(model, blocks.heldout, batch_size=options.batch_size)  # same numbers as upcycle eval
+    heldout_mean = evaluation.ffn_experts_per_token
+    heldout_per_layer = [layer.ffn_experts_per_token for layer in evaluation.per_layer]
+
+    biases = {keys[index]: block.gate.selection_bias.detach().clone()
+              for index, block in zip(layer_indices, model.moe_blocks())}
+    report = CalibrationReport(output.resolve(), options.target_ffn_per_token, heldout_mean, heldout_per_layer,
+                               evaluation.perplexity, calibration.numel(), blocks.heldout.numel(), layers)
+    with atomic_output_dir(output, options.overwrite) as partial:
+        write_calibrated_checkpoint(checkpoint, partial, biases, weight_map)
+        record = read_provenance(checkpoint) or {"tool": "upcycle", "source": str(checkpoint), "history": []}
+        record.setdefault("history", []).append({
+            "step": "calibrate",
+            "command": command,
+            "options": asdict(options) | {"data": str(data), "priority": list(options.priority)},
+            "measured_ffn_experts_per_token": heldout_mean,
+            "per_layer_ffn_experts_per_token": heldout_per_layer,
+            "heldout_tokens": report.heldout_tokens,
+            "calibration_tokens": report.calibration_tokens,
+            "metrics": {"heldout_ffn_experts_per_token": round(heldout_mean, 4),
+                        "heldout_perplexity": round(evaluation.perplexity, 4)},
+        })
+        write_provenance(partial, record)
+        _refresh_model_card(partial, output.name)
+    return report
+
+
+def _refresh_model_card(folder: Path, name: str) -> None:
+    """Rebuild README.md from the folder's files (the card lists every step of upcycle.json's history)."""
+    from ..model_card import write_model_card
+
+    write_model_card(folder, name=name)

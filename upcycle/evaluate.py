@@ -1,0 +1,238 @@
+"""`upcycle eval`: quality against compute, for MoE++ and source checkpoints alike.
+
+On packed held-out token blocks (upcycle.data), `evaluate_model` measures:
+- perplexity: exp of the mean next-token cross-entropy over every predicted token (L - 1 per block), with a 95%
+  interval from the spread of per-block losses (blocks are treated as independent samples);
+- FFN experts per token, overall (mean over MoE layers) and per layer; for a source model this is its top-k;
+- the share of each zero-computation type: of the k routing slots per token, the share that went to Zero, Copy
+  and Constant experts (so ffn_share + the three shares = 1 and ffn_experts_per_token = k * ffn_share);
+- FFN load balance: the coefficient of variation (population std / mean) of the FFN experts' loads (slots each
+  received) per layer, 0 when perfectly balanced;
+- with a source model: the token-level mean KL(source || model) of the next-token distributions.
+Routing of an MoE++ model comes from its `routing_statistics` (the one source of truth); a source model's from
+the top-k of the router logits it returns, which is its selection for softmax-top-k routers (Mixtral, Qwen-MoE,
+OLMoE).
+"""
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UpcycleError
+
+ZERO_COMPUTATION_TYPES = ("zero", "copy", "constant")
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class LayerEval:
+    layer: int  # decoder-layer index (the MoE layer's position when it cannot be told)
+    ffn_experts_per_token: float
+    zero_share: float
+    copy_share: float
+    constant_share: float
+    ffn_load_cv: float
+
+
+@dataclass
+class EvalReport:
+    perplexity: float
+    perplexity_interval_95: tuple[float, float]
+    loss: float  # mean next-token cross-entropy (nats)
+    tokens: int  # predicted tokens
+    blocks: int
+    block_size: int
+    is_moepp: bool
+    top_k: int | None
+    ffn_experts_per_token: float | None
+    zero_computation_share: dict[str, float]
+    ffn_load_cv: float | None
+    kl_to_source: float | None
+    per_layer: list[LayerEval] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["perplexity_interval_95"] = list(self.perplexity_interval_95)
+        return data
+
+
+def _moe_layer_indices(model, count: int) -> list[int]:
+    """Decoder-layer index of each MoE layer, from the router parameter names when they tell it."""
+    if hasattr(model, "moe_blocks"):
+        names = {id(block): name for name, block in model.named_modules()}
+        found = [LAYER_INDEX.search(names.get(id(block), "")) for block in model.moe_blocks()]
+        if all(found) and len(found) == count:
+            return [int(match.group(1)) for match in found]
+    return list(range(count))
+
+
+class _RoutingTotals:
+    """Slots per expert and tokens, summed over batches: (L, E) counts where E = N + Z (or N for a source)."""
+
+    def __init__(self):
+        self.slot_counts: torch.Tensor | None = None  # (L, E)
+        self.tokens = 0
+
+    def add(self, slot_counts: torch.Tensor, tokens: int) -> None:
+        self.slot_counts = slot_counts if self.slot_counts is None else self.slot_counts + slot_counts
+        self.tokens += tokens
+
+
+def _moepp_slot_counts(output, tokens: int, top_k: int) -> torch.Tensor:
+    """(L, N+Z) slots per expert, from routing_statistics' expert_share (f sums to 1 over the k slots)."""
+    return output.routing_statistics["expert_share"].double().cpu() * tokens * top_k
+
+
+def _source_slot_counts(output, top_k: int) -> torch.Tensor | None:
+    """(L, N) slots per expert from the top-k of each layer's router logits, or None if none are returned."""
+    router_logits = getattr(output, "router_logits", None)
+    if not router_logits:
+        return None
+    counts = []
+    for logits in router_logits:  # (T, N) each
+        index = logits.float().topk(top_k, dim=-1).indices  # (T, k)
+        counts.append(F.one_hot(index, logits.shape[-1]).sum(dim=(0, 1)).double().cpu())
+    return torch.stack(counts)
+
+
+def _layer_evals(totals: _RoutingTotals, layout, top_k: int, layer_indices: list[int]) -> list[LayerEval]:
+    per_layer = []
+    n_ffn = layout.n_ffn if layout is not None else totals.slot_counts.shape[1]
+    for position, counts in enumerate(totals.slot_counts):  # (E,) slots per expert
+        share = counts / (totals.tokens * top_k)  # (E,) share of slots
+        ffn_loads = counts[:n_ffn]
+        mean_load = ffn_loads.mean().clamp_min(1e-12)
+        by_type = {"zero": 0.0, "copy": 0.0, "constant": 0.0}
+        if layout is not None:
+            by_type = {
+                "zero": share[layout.n_ffn:layout.copy_start].sum().item(),
+                "copy": share[layout.copy_start:layout.constant_start].sum().item(),
+                "constant": share[layout.constant_start:layout.n_total].sum().item(),
+            }
+        per_layer.append(LayerEval(
+            layer=layer_indices[position],
+            ffn_experts_per_token=top_k * share[:n_ffn].sum().item(),
+            zero_share=by_type["zero"], copy_share=by_type["copy"], constant_share=by_type["constant"],
+            ffn_load_cv=(ffn_loads.std(unbiased=False) / mean_load).item(),
+        ))
+    return per_layer
+
+
+def _token_kl(source_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of KL(source || model): logits (B, L, V) each -> scalar."""
+    source_log_probs = F.log_softmax(source_logits.float(), dim=-1)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(log_probs, source_log_probs, log_target=True, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: int = 8) -> EvalReport:
+    """Evaluate an in-memory causal LM (MoE++ or not) on token blocks (n, L); see the module docstring."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise UpcycleError("evaluation needs at least one block of at least two tokens")
+    if source_model is not None and source_model.config.vocab_size != model.config.vocab_size:
+        raise UpcycleError("the model and the source have different vocabularies, so KL cannot be compared")
+    was_training = model.training
+    model.eval()
+    is_moepp = hasattr(model, "moe_blocks")
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    device = next(model.parameters()).device
+    block_losses: list[torch.Tensor] = []  # (B,) mean loss per block
+    kl_sum, kl_tokens = 0.0, 0
+    totals = _RoutingTotals()
+    try:
+        for batch in blocks.split(batch_size):
+            batch = batch.to(device)  # (B, L)
+            output = model(batch, output_router_logits=top_k is not None, use_cache=False)
+            nll = F.cross_entropy(output.logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")
+            block_losses.append(nll.mean(dim=1).cpu())  # (B,)
+            if top_k is not None:
+                counts = (_moepp_slot_counts(output, batch.numel(), top_k) if is_moepp
+                          else _source_slot_counts(output, top_k))
+                if counts is not None:
+                    totals.add(counts, batch.numel())
+            if source_model is not None:
+                source_device = next(source_model.parameters()).device
+                source_logits = source_model(batch.to(source_device), use_cache=False).logits
+                kl_sum += _token_kl(source_logits.to(device), output.logits).item()
+                kl_tokens += batch.numel()
+    finally:
+        model.train(was_training)
+    losses = torch.cat(block_losses).double()  # (n,)
+    loss = losses.mean().item()
+    spread = 1.96 * losses.std().item() / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
+    layout = model.moe_blocks()[0].layout if is_moepp else None
+    per_layer = []
+    if totals.slot_counts is not None:
+        per_layer = _layer_evals(totals, layout, top_k, _moe_layer_indices(model, totals.slot_counts.shape[0]))
+    mean = (lambda values: sum(values) / len(values)) if per_layer else (lambda values: None)
+    return EvalReport(
+        perplexity=math.exp(loss),
+        perplexity_interval_95=(math.exp(loss - spread), math.exp(loss + spread)),
+        loss=loss,
+        tokens=blocks.shape[0] * (blocks.shape[1] - 1),
+        blocks=blocks.shape[0],
+        block_size=blocks.shape[1],
+        is_moepp=is_moepp,
+        top_k=top_k,
+        ffn_experts_per_token=mean([layer.ffn_experts_per_token for layer in per_layer]),
+        zero_computation_share={kind: mean([getattr(layer, f"{kind}_share") for layer in per_layer]) or 0.0
+                                for kind in ZERO_COMPUTATION_TYPES},
+        ffn_load_cv=mean([layer.ffn_load_cv for layer in per_layer]),
+        kl_to_source=kl_sum / kl_tokens if source_model is not None else None,
+        per_layer=per_layer,
+    )
+
+
+@dataclass
+class EvalOptions:
+    """Every option of `upcycle eval`."""
+
+    block_size: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    heldout_fraction: float = 0.1
+    max_tokens: int | None = None
+    max_blocks: int | None = None
+    text_field: str = "text"
+
+
+def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
+                        options: EvalOptions | None = None) -> EvalReport:
+    """Load CHECKPOINT (and SOURCE), tokenize DATA with CHECKPOINT's tokenizer, evaluate on its held-out blocks."""
+    from .data import load_checkpoint_tokenizer, load_token_blocks
+    from .verify import load_causal_lm
+
+    options = options or EvalOptions()
+    if options.block_size < 2 or options.batch_size < 1:
+        raise UpcycleError("--block-size must be at least 2 and --batch-size at least 1")
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    model = load_causal_lm(Path(checkpoint))
+    source_model = load_causal_lm(Path(source)) if source is not None else None
+    blocks = load_token_blocks(data, tokenizer, options.block_size, options.seed, options.heldout_fraction,
+                               options.max_tokens, options.text_field)
+    heldout = blocks.heldout if options.max_blocks is None else blocks.heldout[: options.max_blocks]
+    return evaluate_model(model, heldout, source_model, options.batch_size)
+
+
+def format_report(report: EvalReport) -> str:
+    """A short human-readable summary: headline numbers, then one line per MoE layer."""
+    low, high = report.perplexity_interval_95
+    headline = (f"perplexity {report.perplexity:.3f} (95% interval {low:.3f}-{high:.3f}) on {report.tokens:,} "
+                f"held-out tokens ({report.blocks} blocks of {report.block_size})")
+    lines = [headline]
+    if report.ffn_experts_per_token is not None:
+        shares = ", ".join(f"{kind} {value:.3f}" for kind, value in report.zero_computation_share.items())
+        lines.append(f"FFN experts per token {report.ffn_experts_per_token:.3f} (top-{report.top_k}); "
+                     f"zero-computation share of slots: {shares}; FFN load CV {report.ffn_load_cv:.3f}")
+    if report.kl_to_source is not None:
+        lines.append(f"KL(source || model) {report.kl_to_source:.4g} nats per token")
+    for layer in report.per_layer:
+        lines.append(f"  layer {layer.layer:>3}: {layer.ffn_experts_per_token:.3f} FFN experts per token, zero "
+                     f"{layer.zero_share:.3f}, copy {layer.copy_share:.3f}, constant {layer.constant_share:.3f}, "
+                     f"load CV {layer.ffn_load_cv:.3f}")
+    return "\n".join(lines)
