@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from upcycle.budget.calibrate import calibrate_model, measure_ffn_experts_per_token
+from upcycle.budget.calibrate import calibrate_model
 from upcycle.corpus import split_documents, stdlib_documents
+from upcycle.evaluate import evaluate_model
 from upcycle.surgery.convert import ConvertOptions, convert
 from upcycle.tokenizer_training import train_bpe_tokenizer
 from upcycle.verify import load_causal_lm
@@ -105,7 +106,7 @@ def main() -> None:
     budgets = {"full": [block.gate.selection_bias.clone() for block in moepp.moe_blocks()]}
     for target in (1.5, 1.0):
         calibrate_model(moepp, list(calibration.split(4)), target)
-        measured, _ = measure_ffn_experts_per_token(moepp, heldout, batch_size=4)
+        measured = evaluate_model(moepp, heldout, batch_size=4).ffn_experts_per_token
         print(f"calibrated to {target}: {measured:.3f} FFN experts per token on held-out text")
         budgets[str(target)] = [block.gate.selection_bias.clone() for block in moepp.moe_blocks()]
 

@@ -37,8 +37,12 @@ BLOCK_SIZE = 256
 class DemoOptions:
     output: Path = Path("upcycle-demo")
     train_steps: int = 150
-    learning_rate: float = 3e-3
+    # Tuned on the demo model (bench/RESULTS.md): a low learning rate, self-distillation toward the source, and no
+    # balance loss (the source's routing is unbalanced by its training, and balancing it moves tokens away from
+    # the experts that learned them).
+    learning_rate: float = 3e-4
     distill_weight: float = 1.0
+    balance_loss_coef: float = 0.0
     calibration_blocks: int = 32
     max_heldout_blocks: int | None = None  # None: every held-out block (about 55k tokens)
 
@@ -91,6 +95,7 @@ def run_budget(target: float, moepp: Path, folder: Path, data: Path, heldout: to
         model=str(calibrated), data=str(data / "train.txt"), eval_data=str(data / "heldout.txt"),
         output=str(trained), run_dir=str(folder / "runs" / name), target_ffn_per_token=target,
         steps=options.train_steps, learning_rate=options.learning_rate, distill_weight=options.distill_weight,
+        balance_loss_coef=options.balance_loss_coef,
         block_size=BLOCK_SIZE, micro_batch_size=8, checkpoint_every=0, eval_max_blocks=8, ramp_fraction=0.0,
         lr_schedule="cosine", warmup_steps=10, progress=True, tensorboard=False,
     ), command=f"upcycle demo (budget {name})")

@@ -83,6 +83,27 @@ class MoePPBlockMixin:
         self.experts._is_expert_parallel = True
         self.zero_computation_experts = ZeroComputationExperts(self.layout, hidden_size)
 
+    def ffn_experts_on_routed_slots(self, tokens: torch.Tensor, ffn_index: torch.Tensor,
+                                    ffn_weights: torch.Tensor) -> torch.Tensor:
+        """Eager path: the FFN experts see only the slots routed to them, so no sentinel row is gathered,
+        masked or multiplied (transformers' sentinel masking costs several % of the layer).
+
+        tokens (T, D), ffn_index (T, k) with sentinel N for zero-computation slots, ffn_weights (T, k) -> (T, D).
+        At the full budget there is no sentinel and the experts run exactly as in the source.
+        """
+        is_ffn = ffn_index < self.layout.n_ffn  # (T, k)
+        if bool(is_ffn.all()):
+            self.experts._is_expert_parallel = False  # no sentinel: transformers' path, no masking
+            output = self.experts(tokens, ffn_index, ffn_weights)
+            self.experts._is_expert_parallel = True  # what a compiled graph is traced with
+            return output
+        token_rows, slots = is_ffn.nonzero(as_tuple=True)  # (S_ffn,) each
+        self.experts._is_expert_parallel = False
+        routed = self.experts(tokens[token_rows], ffn_index[token_rows, slots, None],
+                              ffn_weights[token_rows, slots, None])  # (S_ffn, D), one slot per row
+        self.experts._is_expert_parallel = True
+        return torch.zeros_like(tokens).index_add_(0, token_rows, routed.to(tokens.dtype))
+
     def shared_expert_output(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """tokens (T, D) -> the always-on shared expert's contribution (T, D), or None without one."""
         return None
@@ -95,7 +116,10 @@ class MoePPBlockMixin:
         ffn_index, ffn_weights = ffn_slots(top_k_index, top_k_weights, self.layout.n_ffn)
         if self.routing_weights_in_input_dtype:
             ffn_weights = ffn_weights.to(tokens.dtype)
-        output = self.experts(tokens, ffn_index, ffn_weights)  # (T, D)
+        if torch.compiler.is_compiling():
+            output = self.experts(tokens, ffn_index, ffn_weights)  # (T, D), sentinel rows masked and skipped
+        else:
+            output = self.ffn_experts_on_routed_slots(tokens, ffn_index, ffn_weights)  # (T, D)
         output = output + self.zero_computation_experts(tokens, top_k_index, top_k_weights)
         shared = self.shared_expert_output(tokens)
         if shared is not None:
