@@ -32,7 +32,8 @@ from .modeling_openmoe import (
     expert_capacity,
     within_capacity,
 )
-from .moepp_layer import ExpertLayout, MoePPRouter, ZeroComputationExperts, ffn_slots, routing_statistics
+from .moepp_layer import ExpertLayout, MoePPRouter, ZeroComputationExperts, ffn_slots
+from .moepp_model import add_balance_loss
 
 try:
     register_checkpoint_conversion_mapping(
@@ -130,21 +131,7 @@ class MoePPOpenMoeForCausalLM(MoePPOpenMoePreTrainedModel, OpenMoeForCausalLM):
         )
         aux_loss, stats = None, None
         if output_router_logits:
-            token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:  # (B, past + S): keep the current S
-                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:].reshape(-1)
-            blocks = self.moe_blocks()
-            stats = routing_statistics(
-                list(outputs.router_logits),
-                [block.gate.selection_bias for block in blocks],
-                blocks[0].layout,
-                self.config.router_topk,
-                token_mask,
-                self.config.balance_tau,
-            )
-            aux_loss = stats["balance_loss"]
-            if loss is not None:
-                loss = loss + self.config.balance_loss_coef * aux_loss.to(loss.device)
+            loss, aux_loss, stats = add_balance_loss(self, outputs, loss, attention_mask, self.config.router_topk)
         return MoePPCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,

@@ -271,6 +271,30 @@ class MoePPModelMixin:
         )
 
 
+def add_balance_loss(model, outputs, loss, attention_mask, top_k: int):
+    """Routing statistics of `outputs.router_logits` (real tokens only) and the loss plus beta * balance loss.
+
+    Returns (loss or None, balance loss, statistics); shared by every family's causal-LM head.
+    """
+    token_mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:  # (B, past + S): keep the current S
+        token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:].reshape(-1)
+    blocks = model.moe_blocks()
+    stats = routing_statistics(
+        list(outputs.router_logits),
+        [block.gate.selection_bias for block in blocks],
+        blocks[0].layout,
+        top_k,
+        token_mask,
+        model.config.balance_tau,
+        routers=[block.gate for block in blocks],
+    )
+    aux_loss = stats["balance_loss"]
+    if loss is not None:
+        loss = loss + model.config.balance_loss_coef * aux_loss.to(loss.device)
+    return loss, aux_loss, stats
+
+
 class MoePPForCausalLMMixin:
     """The family's causal LM with an MoE++ base model; reports routing statistics and adds the balance loss."""
 
@@ -310,23 +334,7 @@ class MoePPForCausalLMMixin:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss, stats = None, None
         if output_router_logits:
-            token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:  # (B, past + S): keep the current S
-                sequence_length = outputs.last_hidden_state.shape[1]
-                token_mask = attention_mask[:, -sequence_length:].reshape(-1)
-            blocks = self.moe_blocks()
-            stats = routing_statistics(
-                list(outputs.router_logits),
-                [block.gate.selection_bias for block in blocks],
-                blocks[0].layout,
-                self.config.num_experts_per_tok,
-                token_mask,
-                self.config.balance_tau,
-                routers=[block.gate for block in blocks],
-            )
-            aux_loss = stats["balance_loss"]
-            if loss is not None:
-                loss = loss + self.config.balance_loss_coef * aux_loss.to(loss.device)
+            loss, aux_loss, stats = add_balance_loss(self, outputs, loss, attention_mask, self.config.num_experts_per_tok)
         return MoePPCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
