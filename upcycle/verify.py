@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from .checkpoint.source import read_config
@@ -37,7 +38,7 @@ def load_causal_lm(path: Path, remote_code: bool = False):
     model_class = own_source_class(read_config(Path(path))) or AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote_code)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UpcycleError(f"cannot load {path}: {first_line}") from error
     return model.eval()

@@ -53,9 +53,5 @@ class MoePPOpenMoeConfig(OpenMoeConfig, MoePPFields):
 
     model_type = "moepp_openmoe"
 
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
-
 
 __all__ = ["MoePPOpenMoeConfig", "OpenMoeConfig"]

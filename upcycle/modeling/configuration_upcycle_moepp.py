@@ -50,6 +50,7 @@ class MoePPFields:
         return list(range(self.num_hidden_layers))
 
     def validate_moepp_fields(self) -> None:
+        """Run by @strict on every config class (its `validate_*` methods are class validators)."""
         counts = {"zero": self.n_zero_experts, "copy": self.n_copy_experts, "constant": self.n_constant_experts}
         for name, count in counts.items():
             if count < 0:
@@ -69,10 +70,6 @@ class MoePPMixtralConfig(MixtralConfig, MoePPFields):
 
     model_type = "moepp_mixtral"
 
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
-
 
 def _qwen_moe_layers(config) -> list[int]:
     """Qwen-MoE's rule (Qwen2MoeDecoderLayer): not in mlp_only_layers, and (i + 1) % decoder_sparse_step == 0."""
@@ -90,10 +87,6 @@ class MoePPQwen2MoeConfig(Qwen2MoeConfig, MoePPFields):
     model_type = "moepp_qwen2_moe"
     source_model_type: str = "qwen2_moe"
 
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
-
     def moe_layers(self) -> list[int]:
         return _qwen_moe_layers(self)
 
@@ -104,10 +97,6 @@ class MoePPQwen3MoeConfig(Qwen3MoeConfig, MoePPFields):
 
     model_type = "moepp_qwen3_moe"
     source_model_type: str = "qwen3_moe"
-
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
 
     def moe_layers(self) -> list[int]:
         return _qwen_moe_layers(self)
@@ -120,10 +109,6 @@ class MoePPOlmoeConfig(OlmoeConfig, MoePPFields):
     model_type = "moepp_olmoe"
     source_model_type: str = "olmoe"
 
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
-
 
 @strict
 class MoePPDeepseekV2Config(DeepseekV2Config, MoePPFields):
@@ -131,10 +116,6 @@ class MoePPDeepseekV2Config(DeepseekV2Config, MoePPFields):
 
     model_type = "moepp_deepseek_v2"
     source_model_type: str = "deepseek_v2"
-
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
 
     def moe_layers(self) -> list[int]:
         return list(range(self.first_k_dense_replace, self.num_hidden_layers))
@@ -146,10 +127,6 @@ class MoePPDeepseekV3Config(DeepseekV3Config, MoePPFields):
 
     model_type = "moepp_deepseek_v3"
     source_model_type: str = "deepseek_v3"
-
-    def __post_init__(self, **kwargs):
-        self.validate_moepp_fields()
-        super().__post_init__(**kwargs)
 
     def moe_layers(self) -> list[int]:
         return list(range(self.first_k_dense_replace, self.num_hidden_layers))
