@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-import upcycle  # noqa: F401  (registers the MoE++ Auto classes)
+import upcycle
+
+upcycle.register_auto_classes()  # tests load converted checkpoints with the Auto classes in-process
 
 # Session fixtures on real text (text_corpus, text_tokenizer, trained_mixtral, trained_moepp, text_model).
 pytest_plugins = ("text_fixtures",)

@@ -138,7 +138,7 @@ def test_ctrl_c_during_overwrite_keeps_the_previous_output(capsys, tmp_path, sou
     def interrupted_save(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_module, "save_file", interrupted_save)
+    monkeypatch.setattr(convert_module, "write_new_tensors", interrupted_save)
     result = run_cli(capsys, "convert", source, output, "--overwrite")
     assert result.exit_code == 130
     assert folder_digest(output) == before

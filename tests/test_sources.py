@@ -232,12 +232,12 @@ def test_dtype_with_bin_source(tmp_path, source_model):
 
 
 def test_without_dtype_or_with_the_same_dtype_nothing_is_decoded(tmp_path, monkeypatch, per_expert_source):
-    import upcycle.surgery.convert as convert_module
+    import upcycle.checkpoint.shard_rewrite as shard_rewrite_module
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a shard was decoded")
 
-    monkeypatch.setattr(convert_module, "rewrite_safetensors_shard", no_decoding)
+    monkeypatch.setattr(shard_rewrite_module, "rewrite_safetensors_shard", no_decoding)
     for name, options in (("keep", ConvertOptions()), ("same", ConvertOptions(dtype="float32"))):
         convert(per_expert_source, tmp_path / name, options)
         shard = tmp_path / name / "model-00001-of-00002.safetensors"

@@ -1,25 +1,28 @@
-"""upcycle: turn existing Mixture-of-Experts checkpoints into MoE++ models."""
+"""upcycle: turn existing Mixture-of-Experts checkpoints into MoE++ models.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Importing the package is cheap (no torch, no transformers), so that `upcycle convert` starts in a fraction of a
+second. To load converted checkpoints with transformers' Auto classes in-process (without trust_remote_code), call
+`upcycle.register_auto_classes()` first; upcycle's own loaders do.
+"""
 
-from .converters import FAMILIES
-from .modeling import moepp_class
-from .modeling.configuration_openmoe import OpenMoeConfig
-from .modeling.configuration_upcycle_moepp import MoePPMixtralConfig
-from .modeling.modeling_openmoe import OpenMoeForCausalLM
-from .modeling.modeling_upcycle_moepp import MoePPMixtralForCausalLM
+from .auto_classes import register_auto_classes
 
 __version__ = "0.1.0"
 
-# Every family's MoE++ config and model, so converted checkpoints load without trust_remote_code in-process.
-for _spec in FAMILIES:
-    _config_class = moepp_class(_spec.moepp_config_module, _spec.moepp_config_class)
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    AutoModelForCausalLM.register(
-        _config_class, moepp_class(_spec.moepp_model_module, _spec.moepp_model_class), exist_ok=True
-    )
-# OpenMoE sources: transformers has no OpenMoE class, the project's own computes them.
-AutoConfig.register(OpenMoeConfig.model_type, OpenMoeConfig, exist_ok=True)
-AutoModelForCausalLM.register(OpenMoeConfig, OpenMoeForCausalLM, exist_ok=True)
+# Public model classes, imported (with torch and transformers) on first access.
+_LAZY_CLASSES = {
+    "MoePPMixtralConfig": "configuration_upcycle_moepp",
+    "MoePPMixtralForCausalLM": "modeling_upcycle_moepp",
+}
 
-__all__ = ["MoePPMixtralConfig", "MoePPMixtralForCausalLM", "__version__"]
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        from .modeling import moepp_class
+
+        register_auto_classes()
+        return moepp_class(_LAZY_CLASSES[name], name)
+    raise AttributeError(f"module 'upcycle' has no attribute {name!r}")
+
+
+__all__ = ["MoePPMixtralConfig", "MoePPMixtralForCausalLM", "__version__", "register_auto_classes"]

@@ -12,11 +12,22 @@ from .errors import UpcycleError
 
 
 def _quiet_libraries() -> None:
-    """Keep transformers' progress bars and load reports out of the CLI's output."""
-    from transformers.utils import logging as hf_logging
+    """Keep transformers' and huggingface_hub's progress bars and load reports out of the CLI's output.
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    Through their environment variables, read when they are first imported, so that commands that never import
+    them (`convert` of a safetensors source, `--help`) do not pay for it; directly where they are loaded already.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _command_line() -> str:

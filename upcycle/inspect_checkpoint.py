@@ -4,8 +4,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
+from .checkpoint.float_bytes import all_equal
+from .checkpoint.safetensors_header import read_tensor_bytes
 from .checkpoint.source import SourceCheckpoint, open_source
 from .converters import FAMILIES, FamilySpec, family_for_config
 from .provenance import read_provenance
@@ -48,10 +48,10 @@ def current_budget(source: SourceCheckpoint, top_k: int, provenance: dict | None
     bias_keys = [name for name in source.tensors if name.endswith("gate.selection_bias")]
     all_off = True
     for name in bias_keys:
-        with safe_open(str(source.path / source.weight_map[name]), "pt") as handle:
-            if not bool((handle.get_tensor(name) == -math.inf).all()):
-                all_off = False
-                break
+        raw = read_tensor_bytes(source.path / source.weight_map[name], name)
+        if not all_equal(raw, -math.inf, source.tensors[name].dtype):
+            all_off = False
+            break
     if all_off:
         return float(top_k)
     for step in reversed((provenance or {}).get("history", [])):

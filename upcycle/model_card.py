@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .checkpoint.hub_source import is_repo_id
+from .checkpoint.source_id import is_repo_id
 from .inspect_checkpoint import CheckpointSummary, inspect_checkpoint
 from .provenance import read_provenance
 

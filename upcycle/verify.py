@@ -7,6 +7,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
+from .auto_classes import register_auto_classes
 from .checkpoint.source import read_config
 from .converters import FAMILIES
 from .errors import UpcycleError
@@ -35,6 +36,7 @@ def own_source_class(config: dict):
 
 def load_causal_lm(path: Path, remote_code: bool = False):
     """Load a checkpoint in float32 on the CPU, turning any loading failure into one sentence."""
+    register_auto_classes()
     model_class = own_source_class(read_config(Path(path))) or AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote_code)

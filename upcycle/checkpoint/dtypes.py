@@ -1,16 +1,30 @@
-"""One table for dtype names: safetensors' ("BF16"), torch's (torch.bfloat16) and the CLI's ("bfloat16")."""
+"""One table for dtype names: safetensors' ("BF16"), torch's (torch.bfloat16) and the CLI's ("bfloat16").
 
-import torch
+torch is imported only when a torch dtype is asked for: `upcycle convert` without a cast never needs it.
+"""
+
+import functools
 
 from ..errors import UpcycleError
 
-SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {value: key for key, value in SAFETENSORS_TO_TORCH.items()}
+
+@functools.cache
+def safetensors_to_torch() -> dict:
+    """safetensors dtype name -> torch.dtype."""
+    import torch
+
+    return {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+        "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+        "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }
+
+
+def safetensors_name(dtype) -> str | None:
+    """torch.dtype -> safetensors dtype name (None: safetensors cannot store it)."""
+    return {value: key for key, value in safetensors_to_torch().items()}.get(dtype)
+
 
 # What `--dtype` accepts, and the safetensors names it may convert (plain floating point only).
 CAST_TARGETS: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -32,5 +46,6 @@ def output_dtype(source_dtype: str, target: str | None) -> str:
     return target if target is not None and source_dtype in CASTABLE else source_dtype
 
 
-def torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    return SAFETENSORS_TO_TORCH[safetensors_dtype]
+def torch_dtype(safetensors_dtype: str):
+    """safetensors dtype name -> torch.dtype."""
+    return safetensors_to_torch()[safetensors_dtype]

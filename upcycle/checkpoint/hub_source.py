@@ -9,9 +9,7 @@ Offline (HF_HUB_OFFLINE=1 or no network) the cached snapshot is used as it is.
 
 import json
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -27,29 +25,11 @@ from huggingface_hub.errors import (
 
 from ..errors import UpcycleError
 from .source import TOKENIZER_AND_GENERATION_FILES, WEIGHT_FILES
-
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-@dataclass(frozen=True)
-class ResolvedSource:
-    path: Path  # the local folder holding config and weights (a Hub cache snapshot for a repo id)
-    repo_id: str | None = None
-    commit: str | None = None  # the snapshot's commit, for a repo id
-
-
-def is_repo_id(text: str) -> bool:
-    return bool(REPO_ID.fullmatch(text)) and ".." not in text and not text.endswith(".git")
-
+from .source_id import REPO_ID, ResolvedSource, is_repo_id, local_source  # noqa: F401 (re-exported)
 
 def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedSource:
     """A local folder as it is, or a Hub repo id fetched into the Hub cache (only the files needed)."""
-    path = Path(source)
-    if path.exists() or not is_repo_id(str(source)):
-        if revision is not None:
-            raise UpcycleError(f"--revision applies only to a Hub repo id, and {source} is a local path")
-        return ResolvedSource(path)
-    return download_source(str(source), revision)
+    return local_source(source, revision) or download_source(str(source), revision)
 
 
 def files_to_fetch(repo_files: list[str], read_weight_map: Callable[[str], dict[str, str]]) -> list[str]:

@@ -3,18 +3,23 @@
 A pickle can run any code while it loads; `weights_only=True` allows tensors, dicts, lists and numbers only, so a
 shard that needs a class of its own is refused instead of executed. Zip-format shards (torch >= 1.6) are memory
 mapped (`mmap=True`): tensor bytes are read from disk only when touched. Legacy (pre-zip) shards cannot be mapped
-and are loaded whole; callers keep at most one shard alive at a time.
+and are loaded whole; callers keep at most one shard alive at a time. torch is imported only here, when a .bin
+source is read.
 """
+
+from __future__ import annotations
 
 import pickle
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UpcycleError
-from .dtypes import TORCH_TO_SAFETENSORS
+from .dtypes import safetensors_name
 from .safetensors_header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -26,6 +31,8 @@ def is_zip_checkpoint(path: Path) -> bool:
 
 def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
     """Tensor name -> tensor (memory mapped where the format allows); refuses pickles that need code."""
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
     except pickle.UnpicklingError as error:
@@ -47,9 +54,9 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def tensor_info(path: Path, tensor: torch.Tensor, name: str) -> TensorInfo:
-    if tensor.dtype not in TORCH_TO_SAFETENSORS:
+    if safetensors_name(tensor.dtype) is None:
         raise UpcycleError(f"{path.name} holds tensor {name} of dtype {tensor.dtype}, which safetensors cannot store")
-    return TensorInfo(TORCH_TO_SAFETENSORS[tensor.dtype], tuple(tensor.shape))
+    return TensorInfo(safetensors_name(tensor.dtype), tuple(tensor.shape))
 
 
 def read_pickle_header(path: Path) -> dict[str, TensorInfo]:

@@ -86,3 +86,14 @@ def read_layout(path: Path) -> SafetensorsLayout:
             f"{path} is truncated: it has {file_size} bytes but its header describes {8 + header_length + data_end}"
         )
     return SafetensorsLayout(8 + header_length, spans)
+
+
+def read_tensor_bytes(path: Path, name: str) -> bytes:
+    """The raw bytes of one (small) tensor, read without decoding: no framework needed."""
+    layout = read_layout(path)
+    if name not in layout.spans:
+        raise UpcycleError(f"{path} has no tensor {name}")
+    span = layout.spans[name]
+    with open(path, "rb") as handle:
+        handle.seek(layout.data_start + span.begin)
+        return handle.read(span.end - span.begin)

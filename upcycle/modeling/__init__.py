@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-REMOTE_CODE_FILES = ("configuration_upcycle_moepp.py", "modeling_upcycle_moepp.py", "moepp_layer.py",
+REMOTE_CODE_FILES = ("moepp_fields.py", "configuration_upcycle_moepp.py", "modeling_upcycle_moepp.py", "moepp_layer.py",
                      "moepp_model.py", "modeling_moepp_qwen2_moe.py", "modeling_moepp_qwen3_moe.py",
                      "modeling_moepp_olmoe.py", "modeling_moepp_deepseek_v2.py", "modeling_moepp_deepseek_v3.py",
                      "configuration_openmoe.py", "modeling_openmoe.py", "modeling_upcycle_moepp_openmoe.py")

@@ -11,7 +11,7 @@ files (relative imports), never `upcycle`.
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from .configuration_upcycle_moepp import MoePPFields
+from .moepp_fields import MoePPFields
 
 
 @strict

@@ -5,7 +5,8 @@ checked before a byte is written. Each source shard then becomes one output shar
 hard-linked or copied byte for byte when its bytes do not change (no tensor decoded), rewritten one chunk at a
 time when they do (`--dtype` casts, PyTorch .bin sources). The new MoE++ tensors go into a shard of their own
 and the index maps every key. Peak memory: a 64 MB chunk and the new tensors (a few MB even for Mixtral-8x7B);
-a .bin shard is memory mapped, one shard at a time.
+a .bin shard is memory mapped, one shard at a time. Neither torch nor transformers is imported unless a shard's
+bytes change (`--dtype`, .bin sources): a plain conversion starts in a fraction of a second.
 """
 
 import json
@@ -13,24 +14,22 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype, torch_dtype
+from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype
 from ..checkpoint.hashing import COMPUTED, check_against_hub_cache, sources_sha256
-from ..checkpoint.hub_source import resolve_source
+from ..checkpoint.source_id import local_source
 from ..checkpoint.linking import LINK_MODES, link_file
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_with_sha256
-from ..checkpoint.safetensors_header import DTYPE_BYTES
-from ..checkpoint.shard_rewrite import rewrite_pickle_shard, rewrite_safetensors_shard
+from ..checkpoint.safetensors_header import DTYPE_BYTES, TensorInfo
+from ..checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from ..checkpoint.source import INDEX_FILE, PICKLE, SourceCheckpoint, open_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
 from ..model_card import write_model_card
 from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
-from ..modeling.configuration_upcycle_moepp import ZERO_EXPERT_SEMANTICS
+from ..modeling.moepp_fields import ZERO_EXPERT_SEMANTICS
 from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
-from .new_tensors import count_parameters, new_tensors
+from .new_tensors import NewTensor, count_parameters, new_tensor_specs
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
 
 
@@ -88,6 +87,8 @@ class ShardResult:
 def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options: ConvertOptions) -> ShardResult:
     """One source shard -> one output shard: linked or copied when its bytes stay, rewritten when they change."""
     source_file, target = source.path / shard, target_dtype(options.dtype)
+    if source.weight_format == PICKLE or target is not None:  # torch decodes and casts: imported only here
+        from ..checkpoint.shard_rewrite import rewrite_pickle_shard, rewrite_safetensors_shard
     if source.weight_format == PICKLE:
         digest = rewrite_pickle_shard(source_file, destination, target)
         check_against_hub_cache(source_file, digest)
@@ -113,6 +114,15 @@ def hash_linked_sources(source: SourceCheckpoint, shards: dict[str, ShardResult]
                      for shard, (digest, sha256_from) in zip(pending, hashes)}
 
 
+def write_new_tensors(added: dict[str, NewTensor], path: Path) -> None:
+    """The new MoE++ tensors as one safetensors file, written from their byte patterns (no torch)."""
+    layout = {name: TensorInfo(spec.dtype, spec.shape) for name, spec in sorted(added.items())}
+    with StreamingSafetensorsWriter(path, layout, {"format": "pt"}) as writer:
+        for name in layout:
+            if added[name].numel:  # the writer skips empty tensors (a count of 0)
+                writer.write(name, added[name].to_bytes())
+
+
 def _check_options(options: ConvertOptions) -> str | None:
     """Refuse bad option values before any I/O; returns the target safetensors dtype (None: keep)."""
     if options.zero_expert_semantics not in (None, *ZERO_EXPERT_SEMANTICS):
@@ -133,7 +143,11 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
     """Validate everything, then write the MoE++ checkpoint atomically; the source is only read."""
     output = Path(output)
     target = _check_options(options)
-    resolved_source = resolve_source(source_path, options.revision)
+    resolved_source = local_source(source_path, options.revision)
+    if resolved_source is None:  # a Hub repo id: huggingface_hub's download machinery, imported only then
+        from ..checkpoint.hub_source import download_source
+
+        resolved_source = download_source(str(source_path), options.revision)
     source = open_source(resolved_source.path)
     spec = family_for_config(source.config)
     plan = plan_conversion(source, spec, options.counts(spec.n_experts(source.config)))
@@ -145,9 +159,8 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
                 f"--dtype cannot convert quantized tensors such as {quantized[0]} (FP8 with block scales); "
                 "leave --dtype out to keep them as they are"
             )
-    added = new_tensors(plan, options.gating_residual)
-    if target is not None:  # the new tensors are 0 and -inf: exact in every target dtype
-        added = {name: tensor.to(torch_dtype(target)) for name, tensor in added.items()}
+    # the new tensors are 0 and -inf: exact in every target dtype
+    added = new_tensor_specs(plan, options.gating_residual, dtype=target)
     clashes = sorted(set(added) & set(source.tensors))
     if clashes:
         raise UpcycleError(f"the source already has tensor {clashes[0]}; is it already converted?")
@@ -162,12 +175,12 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
             for shard in source.shard_files
         }
         shards = hash_linked_sources(source, shards)
-        save_file(added, str(partial / new_shard), metadata={"format": "pt"})
+        write_new_tensors(added, partial / new_shard)
         weight_map = {name: shard_names[shard] for name, shard in source.weight_map.items()}
         weight_map |= {name: new_shard for name in added}
         total_size = sum(
             info.numel * DTYPE_BYTES[output_dtype(info.dtype, target)] for info in source.tensors.values()
-        ) + sum(tensor.numel() * tensor.element_size() for tensor in added.values())
+        ) + sum(spec.numel * DTYPE_BYTES[spec.dtype] for spec in added.values())
         # tensor bytes, headers excluded (transformers' convention)
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -197,6 +210,6 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
         plan=plan,
         source_tensors=len(source.tensors),
         added_tensors=len(added),
-        added_parameters=count_parameters({name: tensor.numel() for name, tensor in added.items()}),
+        added_parameters=count_parameters({name: spec.numel for name, spec in added.items()}),
         source_parameters=count_parameters({name: info.numel for name, info in source.tensors.items()}),
     )

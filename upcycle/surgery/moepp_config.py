@@ -1,6 +1,6 @@
 """The converted checkpoint's config.json: the source config, verbatim, plus the MoE++ fields and auto_map."""
 
-from ..modeling.configuration_upcycle_moepp import MoePPFields
+from ..modeling.moepp_fields import MoePPFields
 from .plan import ConversionPlan
 
 
