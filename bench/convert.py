@@ -7,10 +7,12 @@ For each size, in the same run and on the same filesystem: `cp -r` of the source
 `upcycle convert --link copy` (ratio must be <= 1.3), the peak RSS of that convert process against the
 interpreter's baseline (`python -c 'import upcycle'`) + the largest shard + 300 MB, and the link modes (hard, and
 reflink where the filesystem has it; from a plain folder and from a Hub-cache layout whose blobs are named by
-their sha256) against the command's start-up time (`upcycle --help`; must be within about 1 s). Every page is
-warm (the source was just written) for cp and convert alike; every timed command starts after `sync` (no dirty
-pages pending), and the measurements interleave, `--repeat` times, so that drift in the machine's load hits all
-of them. Everything written is removed at the end, also on Ctrl-C or SIGTERM.
+their sha256) against the command's start-up time (`upcycle --help`; must be within about 1 s). cp and copy mode
+are timed twice: warm (every source page in the page cache, as just written) and cold (the source's pages
+evicted with posix_fadvise(DONTNEED) first, so both read from the disk: the case of a real checkpoint larger
+than the page cache). Every timed command starts after `sync` (no dirty pages pending), and the measurements
+interleave, `--repeat` times, so that drift in the machine's load hits all of them. Everything written is
+removed at the end, also on Ctrl-C or SIGTERM.
 """
 
 import argparse
@@ -123,6 +125,17 @@ def timed(command: list[str]) -> tuple[float, int, float]:
     return seconds, rss_kb * 1024, cpu
 
 
+def evict_from_page_cache(folder: Path) -> None:
+    """Drop the folder's clean pages from the page cache (no root needed): the next read comes from the disk."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
 def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -158,25 +171,31 @@ def main() -> None:
                   f"{config['num_hidden_layers']} layers")
             link_runs = [("hard", source, "hard, folder"), ("hard", hub_view, "hard, Hub cache"),
                          ("auto", hub_view, "auto, Hub cache")]
-            runs: dict[str, list[float]] = {"startup": [], "cp": [], "copy": []}
-            cpu: dict[str, list[float]] = {"startup": [], "cp": [], "copy": []}
+            copy_keys = ("cp", "copy", "cp cold", "copy cold")
+            runs: dict[str, list[float]] = {key: [] for key in ("startup", *copy_keys)}
+            cpu: dict[str, list[float]] = {key: [] for key in ("startup", *copy_keys)}
             copy_rss = []
             for _ in range(args.repeat):  # interleaved: drift in machine load hits every measurement
                 seconds, _, cpu_seconds = timed([*UPCYCLE, "--help"])
                 runs["startup"].append(seconds)
                 cpu["startup"].append(cpu_seconds)
-                os.sync()  # every timed write starts with no dirty pages pending
-                seconds, _, cpu_seconds = timed(["cp", "-r", str(source), str(root / "cp-copy")])
-                runs["cp"].append(seconds)
-                cpu["cp"].append(cpu_seconds)
-                shutil.rmtree(root / "cp-copy")
-                os.sync()
-                seconds, rss, cpu_seconds = timed([*UPCYCLE, "convert", str(source), str(root / "out"),
-                                                   "--link", "copy"])
-                runs["copy"].append(seconds)
-                cpu["copy"].append(cpu_seconds)
-                copy_rss.append(rss)
-                shutil.rmtree(root / "out")
+                for cache in ("", " cold"):
+                    os.sync()  # every timed write starts with no dirty pages pending
+                    if cache:
+                        evict_from_page_cache(source)
+                    seconds, _, cpu_seconds = timed(["cp", "-r", str(source), str(root / "cp-copy")])
+                    runs["cp" + cache].append(seconds)
+                    cpu["cp" + cache].append(cpu_seconds)
+                    shutil.rmtree(root / "cp-copy")
+                    os.sync()
+                    if cache:
+                        evict_from_page_cache(source)
+                    seconds, rss, cpu_seconds = timed([*UPCYCLE, "convert", str(source), str(root / "out"),
+                                                       "--link", "copy"])
+                    runs["copy" + cache].append(seconds)
+                    cpu["copy" + cache].append(cpu_seconds)
+                    copy_rss.append(rss)
+                    shutil.rmtree(root / "out")
                 for mode, folder, label in link_runs:
                     os.sync()
                     seconds, _, cpu_seconds = timed([*UPCYCLE, "convert", str(folder), str(root / "out"),
@@ -187,10 +206,12 @@ def main() -> None:
                     runs.setdefault(f"{label} ({kinds})", []).append(seconds)
                     cpu.setdefault(f"{label} ({kinds})", []).append(cpu_seconds)
             budget = baseline_rss + largest + RSS_MARGIN_BYTES
-            copy_ratios = [copy / cp for copy, cp in zip(runs["copy"], runs["cp"])]
-            best_ratio = min(runs["copy"]) / min(runs["cp"])
+            ratios = {cache: [copy / cp for copy, cp in zip(runs["copy" + cache], runs["cp" + cache])]
+                      for cache in ("", " cold")}
+            best = {cache: min(runs["copy" + cache]) / min(runs["cp" + cache]) for cache in ("", " cold")}
             row = {"size_gb": total / 1e9, "shards": n_shards, "largest_shard_gb": largest / 1e9, "seconds": runs,
-                   "cpu_seconds": cpu, "copy_over_cp": copy_ratios, "copy_over_cp_best": best_ratio,
+                   "cpu_seconds": cpu, "copy_over_cp": ratios[""], "copy_over_cp_best": best[""],
+                   "copy_over_cp_cold": ratios[" cold"], "copy_over_cp_cold_best": best[" cold"],
                    "copy_rss_mib": max(copy_rss) / 2**20, "rss_budget_mib": budget / 2**20}
             rows.append(row)
 
@@ -199,13 +220,15 @@ def main() -> None:
 
             print("  wall seconds per run (CPU seconds, user + system, in brackets)")
             print(f"  upcycle --help (start-up):  {show(runs['startup'])} ({show(cpu['startup'])})")
-            print(f"  cp -r:                      {show(runs['cp'])} ({show(cpu['cp'])})")
-            print(f"  convert --link copy:        {show(runs['copy'])} ({show(cpu['copy'])}); copy / cp per run: "
-                  f"{show(copy_ratios)}, best / best {best_ratio:.2f} (limit {COPY_RATIO_LIMIT})")
+            for cache, label in (("", "warm"), (" cold", "cold")):
+                print(f"  cp -r, {label}:                {show(runs['cp' + cache])} ({show(cpu['cp' + cache])})")
+                print(f"  convert --link copy, {label}:  {show(runs['copy' + cache])} ({show(cpu['copy' + cache])}); "
+                      f"copy / cp per run: {show(ratios[cache])}, best / best {best[cache]:.2f} "
+                      f"(limit {COPY_RATIO_LIMIT})")
             print(f"  peak RSS, convert copy:     {row['copy_rss_mib']:.0f} MiB (limit {row['rss_budget_mib']:.0f} "
                   f"= baseline {baseline_rss / 2**20:.0f} + largest shard {largest / 2**20:.0f} + 300)")
             for label, values in runs.items():
-                if label in ("startup", "cp", "copy"):
+                if label in ("startup", *copy_keys):
                     continue
                 over = [value - startup for value, startup in zip(values, runs["startup"])]
                 best = min(values) - min(runs["startup"])

@@ -3,6 +3,8 @@
 import pytest
 import torch
 import transformers
+from test_openmoe import OPENMOE_8B
+from test_source_tensor_tables import reference_shapes
 
 from upcycle.checkpoint.safetensors_header import TensorInfo
 from upcycle.checkpoint.source import SourceCheckpoint
@@ -11,7 +13,7 @@ from upcycle.modeling.configuration_upcycle_moepp import MoePPMixtralConfig
 from upcycle.modeling.modeling_upcycle_moepp import MoePPMixtralForCausalLM
 from upcycle.surgery.moepp_config import moepp_config
 from upcycle.surgery.new_tensors import new_tensors
-from upcycle.surgery.plan import plan_conversion, source_config_object
+from upcycle.surgery.plan import expected_shapes, plan_conversion, resolve_shape
 
 # config.json of mistralai/Mixtral-8x7B-v0.1 (as published on the Hub)
 MIXTRAL_8X7B = {
@@ -62,6 +64,7 @@ def test_mixtral_8x7b_keys_and_shapes_on_meta():
     with torch.device("meta"):
         source_model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL_8X7B))
     source_in_memory = {name: tuple(t.shape) for name, t in source_model.state_dict().items()}
+    assert expected_shapes(family_for_config(MIXTRAL_8X7B), MIXTRAL_8X7B) == source_in_memory  # the tables
     written = source_in_memory | {name: tuple(t.shape) for name, t in added.items()}
     assert written == expected  # every key the MoE++ model has comes from the source or the surgery, same shape
     assert expected["model.layers.31.mlp.gate.residual_weight"] == (12, 12)
@@ -182,13 +185,11 @@ FULL_SIZE = {
 }
 
 
-def per_expert_hub_headers(spec, config: dict) -> dict[str, TensorInfo]:
-    """Names and shapes of a Hub checkpoint in the family's per-expert layout (gate_proj/up_proj/down_proj)."""
-    from upcycle.surgery.plan import expected_shapes, resolve_shape
-
+def per_expert_hub_headers(spec, config: dict, in_memory: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    """Names and shapes of a Hub checkpoint in the family's per-expert layout (gate_proj/up_proj/down_proj), from
+    the source class's in-memory shapes."""
     aliased = spec.with_aliases(config)
-    headers = {name: TensorInfo("BF16", shape) for name, shape in expected_shapes(spec, config).items()
-               if ".mlp.experts." not in name}
+    headers = {name: TensorInfo("BF16", shape) for name, shape in in_memory.items() if ".mlp.experts." not in name}
     per_expert = next(layout for layout in spec.expert_layouts if layout.name == "per-expert")
     for layer in spec.moe_layer_indices(config):
         for expert in range(spec.n_experts(config)):
@@ -204,7 +205,9 @@ def test_full_size_family_keys_and_shapes_on_meta(name):
 
     config, moe_layers, n_ffn, split = FULL_SIZE[name]
     spec = family_for_config(config)
-    headers = per_expert_hub_headers(spec, config)
+    source_in_memory = reference_shapes(spec, config)  # transformers' class on the meta device
+    assert expected_shapes(spec, config) == source_in_memory  # the spec's tables agree with it
+    headers = per_expert_hub_headers(spec, config, source_in_memory)
     source = SourceCheckpoint(path=None, config=config, shard_files=["model.safetensors"],
                               weight_map={key: "model.safetensors" for key in headers}, tensors=headers)
     plan = plan_conversion(source, spec, counts=None)
@@ -217,9 +220,7 @@ def test_full_size_family_keys_and_shapes_on_meta(name):
     assert moepp.moe_layers() == moe_layers
     with torch.device("meta"):
         model = moepp_class(spec.moepp_model_module, spec.moepp_model_class)(moepp)
-        source_model = spec.source_model_class()(source_config_object(spec, config))
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    source_in_memory = {key: tuple(t.shape) for key, t in source_model.state_dict().items()}
     written = source_in_memory | {key: tuple(t.shape) for key, t in added.items()}
     assert written == expected  # every key of the MoE++ model comes from the source or the surgery, same shape
     n_total = n_ffn + sum(split)
@@ -228,3 +229,9 @@ def test_full_size_family_keys_and_shapes_on_meta(name):
     assert f"model.layers.{first}.mlp.gate.residual_weight" not in expected  # the first MoE layer has none
     if first > 0:  # dense layers before the first MoE layer have no router at all
         assert not any(key.startswith("model.layers.0.mlp.gate.") for key in expected)
+
+
+def test_openmoe_8b_tables_equal_the_meta_model():
+    """The project's OpenMoE class is the reference where transformers has none."""
+    spec = family_for_config(OPENMOE_8B)
+    assert expected_shapes(spec, OPENMOE_8B) == reference_shapes(spec, OPENMOE_8B)

@@ -1,6 +1,20 @@
 """Mixtral (and Mixtral-architecture checkpoints): top-k of a softmax router, renormalised."""
 
 from .spec import ExpertKeyLayout, FamilySpec
+from .tensor_rules import (
+    embeddings_and_head,
+    head_dim_or_default,
+    kv_heads_or_all,
+    layer_norms,
+    llama_attention,
+    router,
+)
+
+
+def derive_mixtral(config: dict) -> dict:
+    """MixtralConfig.__post_init__ (None key/value heads -> one per query head) and MixtralAttention's head_dim."""
+    return config | {"num_key_value_heads": kv_heads_or_all(config), "head_dim": head_dim_or_default(config)}
+
 
 MIXTRAL = FamilySpec(
     name="mixtral",
@@ -33,4 +47,9 @@ MIXTRAL = FamilySpec(
     ),
     renormalizes_top_k=True,
     moepp_prefix="model.layers.{layer}.mlp.",
+    tensors=(*embeddings_and_head(), *layer_norms(), *llama_attention(), router("num_local_experts")),
+    config_aliases={"num_experts": "num_local_experts"},
+    config_defaults={"vocab_size": 32000, "intermediate_size": 14336, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False},
+    derive=derive_mixtral,
 )

@@ -8,7 +8,16 @@ against the project's own (upcycle/modeling/modeling_openmoe.py), built on the m
 """
 
 from ..errors import UpcycleError
-from .spec import ExpertKeyLayout, FamilySpec
+from .spec import ExpertKeyLayout, FamilySpec, TensorRule
+from .tensor_rules import (
+    LAYER,
+    embeddings_and_head,
+    head_dim_or_default,
+    kv_heads_or_all,
+    layer_norms,
+    llama_attention,
+    swiglu_mlp,
+)
 
 
 def openmoe_moe_layers(config: dict) -> list[int]:
@@ -22,6 +31,25 @@ def openmoe_moe_layers(config: dict) -> list[int]:
             f"this OpenMoE config has no MoE layer (moe_layer_interval {interval} > {config['num_hidden_layers']} layers)"
         )
     return layers
+
+
+def derive_openmoe(config: dict) -> dict:
+    """LlamaConfig.__post_init__: head_dim defaults to hidden_size // heads, key/value heads to the query heads."""
+    return config | {"num_key_value_heads": kv_heads_or_all(config), "head_dim": head_dim_or_default(config)}
+
+
+def openmoe_mlp(module: str, scope: str) -> tuple[TensorRule, ...]:
+    """OpenMoeMLP: gate_proj is twice as wide as up_proj (a * silu(b) on its two halves)."""
+    return swiglu_mlp(module, "intermediate_size", scope=scope, gate_intermediate="2*intermediate_size")
+
+
+OPENMOE_TENSORS = (
+    *embeddings_and_head(), *layer_norms(), *llama_attention(),  # no biases, whatever attention_bias says
+    *openmoe_mlp("mlp", scope="dense_layer"),
+    TensorRule(LAYER + "mlp.gate_weight", ("num_experts", "hidden_size"), scope="moe_layer"),  # the router
+    TensorRule(LAYER + "pre_extra_mlp_layernorm.weight", ("hidden_size",), scope="moe_layer"),
+    *openmoe_mlp("extra_mlp", scope="moe_layer"),  # the dense MLP after every MoE block
+)
 
 
 def _openmoe_class() -> type:
@@ -58,4 +86,10 @@ OPENMOE = FamilySpec(
     renormalizes_top_k=False,
     moepp_prefix="model.layers.{layer}.mlp.",
     moe_layers=openmoe_moe_layers,
+    tensors=OPENMOE_TENSORS,
+    config_aliases={},
+    # LlamaConfig's defaults; `moe_layer_interval` is left out on purpose: an OpenMoE config.json must say it.
+    config_defaults={"vocab_size": 32000, "intermediate_size": 11008, "num_attention_heads": 32,
+                     "num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False},
+    derive=derive_openmoe,
 )

@@ -7,7 +7,16 @@ sigmoid(`mlp.shared_expert_gate.weight` x). Dense layers: those in `mlp_only_lay
 multiple of `decoder_sparse_step`.
 """
 
-from .spec import FamilySpec, swiglu_expert_layouts
+from .spec import FamilySpec, TensorRule, swiglu_expert_layouts
+from .tensor_rules import (
+    LAYER,
+    embeddings_and_head,
+    head_dim_or_default,
+    layer_norms,
+    llama_attention,
+    router,
+    swiglu_mlp,
+)
 
 
 def qwen_moe_layers(config: dict) -> list[int]:
@@ -20,6 +29,27 @@ def qwen_moe_layers(config: dict) -> list[int]:
         if layer not in dense and n_experts > 0 and (layer + 1) % step == 0
     ]
 
+
+def derive_qwen_moe(config: dict) -> dict:
+    """The attention's `getattr(config, "head_dim", hidden_size // num_attention_heads)` (no config field)."""
+    return config | {"head_dim": head_dim_or_default(config)}
+
+
+QWEN_DENSE_MLP = swiglu_mlp("mlp", "intermediate_size", scope="dense_layer")  # Qwen*MoeMLP of the dense layers
+
+QWEN2_MOE_TENSORS = (
+    *embeddings_and_head(), *layer_norms(), *llama_attention(qkv_bias="qkv_bias"), router("num_experts"),
+    *swiglu_mlp("mlp.shared_expert", "shared_expert_intermediate_size", scope="moe_layer"),
+    TensorRule(LAYER + "mlp.shared_expert_gate.weight", (1, "hidden_size"), scope="moe_layer"),
+    *QWEN_DENSE_MLP,
+)
+
+QWEN3_MOE_TENSORS = (
+    *embeddings_and_head(), *layer_norms(), *llama_attention("attention_bias", "attention_bias"),
+    TensorRule(LAYER + "self_attn.q_norm.weight", ("head_dim",)),  # RMSNorm over one head, shared by all heads
+    TensorRule(LAYER + "self_attn.k_norm.weight", ("head_dim",)),
+    router("num_experts"), *QWEN_DENSE_MLP,
+)
 
 QWEN2_MOE = FamilySpec(
     name="qwen2_moe",
@@ -39,6 +69,13 @@ QWEN2_MOE = FamilySpec(
     renormalize_field="norm_topk_prob",
     moepp_prefix="model.layers.{layer}.mlp.",
     moe_layers=qwen_moe_layers,
+    tensors=QWEN2_MOE_TENSORS,
+    config_aliases={},
+    config_defaults={"vocab_size": 151936, "intermediate_size": 5632, "num_attention_heads": 16,
+                     "num_key_value_heads": 16, "moe_intermediate_size": 1408,
+                     "shared_expert_intermediate_size": 5632, "qkv_bias": True, "decoder_sparse_step": 1,
+                     "mlp_only_layers": None, "tie_word_embeddings": False},
+    derive=derive_qwen_moe,
 )
 
 QWEN3_MOE = FamilySpec(
@@ -59,4 +96,10 @@ QWEN3_MOE = FamilySpec(
     renormalize_field="norm_topk_prob",
     moepp_prefix="model.layers.{layer}.mlp.",
     moe_layers=qwen_moe_layers,
+    tensors=QWEN3_MOE_TENSORS,
+    config_aliases={"num_experts": "num_local_experts"},
+    config_defaults={"vocab_size": 151936, "intermediate_size": 6144, "num_attention_heads": 32,
+                     "num_key_value_heads": 4, "moe_intermediate_size": 768, "attention_bias": False,
+                     "decoder_sparse_step": 1, "mlp_only_layers": None, "tie_word_embeddings": False},
+    derive=derive_qwen_moe,
 )

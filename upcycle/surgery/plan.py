@@ -1,17 +1,21 @@
 """Check a source checkpoint against its family spec and config, before any byte is written.
 
-Expected shapes come from two places: transformers' own source class built on the meta device (every tensor but
-the per-expert FFN keys, no memory used), and the spec's expert layouts (per-expert or fused keys).
+Expected shapes come from the family spec alone (no torch, no transformers: start-up stays near `cp -r`): its
+tensor tables give every tensor but the FFN experts, its expert layouts the per-expert or fused expert keys.
+tests/test_source_tensor_tables.py checks the tables against transformers' own classes built on the meta device.
 """
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
 
 from ..checkpoint.source import SourceCheckpoint
 from ..converters import FamilySpec
+from ..converters.spec import MissingConfigField, flag_is_set, int_field, resolve_shape
 from ..errors import UpcycleError
+
+__all__ = ["ConversionPlan", "ZeroComputationCounts", "expected_shapes", "plan_conversion", "resolve_shape"]
 
 
 @dataclass(frozen=True)
@@ -47,35 +51,64 @@ class ConversionPlan:
     counts: ZeroComputationCounts
 
 
-def source_config_object(spec: FamilySpec, config: dict):
-    """transformers' config object for the source, from plain JSON (no remote code)."""
-    source_class = spec.source_model_class()
-    config_class = source_class.config_class
-    fields = {key: value for key, value in config.items() if key not in ("model_type", "auto_map")}
-    try:
-        return config_class(**fields)
-    except (TypeError, ValueError) as error:
-        raise UpcycleError(f"the config is not a valid {spec.name} config: {error}") from error
-
-
 def expected_shapes(spec: FamilySpec, config: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape for transformers' source class, built on the meta device."""
-    source_class = spec.source_model_class()
-    with torch.device("meta"):
-        model = source_class(source_config_object(spec, config))
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    """In-memory tensor name -> shape of the source model: the spec's tensor tables, plus the in-memory expert
+    keys of every MoE layer (the layout without `{expert}` placeholders). No torch, no transformers."""
+    shape_config = _shape_config(spec, config)
+    return _table_shapes(spec, shape_config) | _in_memory_expert_shapes(spec, shape_config)
 
 
-def resolve_shape(rule: tuple, config: dict) -> tuple[int, ...]:
-    """("num_local_experts", "2*intermediate_size", 4) -> (8, 28672, 4) for Mixtral-8x7B's config."""
+def _shape_config(spec: FamilySpec, config: dict) -> dict:
+    """config.json with the family's aliases, defaults and derived values; a missing field -> a clear error."""
+    with _missing_field_as_error(spec):
+        return spec.shape_config(config)
 
-    def resolve(item) -> int:
-        if isinstance(item, int):
-            return item
-        factor, _, field = item.rpartition("*")
-        return int(factor or 1) * int(config[field])
 
-    return tuple(resolve(item) for item in rule)
+@contextmanager
+def _missing_field_as_error(spec: FamilySpec) -> Iterator[None]:
+    try:
+        yield
+    except MissingConfigField as missing:
+        raise UpcycleError(
+            f"config.json lacks the field {missing.field!r} that a {spec.name} config has"
+        ) from None
+
+
+def _layers_by_scope(spec: FamilySpec, shape_config: dict) -> dict[str, list[int | None]]:
+    n_layers = int_field(shape_config, "num_hidden_layers")
+    moe_layers = set(spec.moe_layers(shape_config))
+    return {
+        "model": [None],
+        "every_layer": list(range(n_layers)),
+        "moe_layer": sorted(moe_layers),
+        "dense_layer": [layer for layer in range(n_layers) if layer not in moe_layers],
+    }
+
+
+def _table_shapes(spec: FamilySpec, shape_config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the spec's `tensors` table whose `when` flag holds, in each layer of its scope."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with _missing_field_as_error(spec):
+        layers = _layers_by_scope(spec, shape_config)
+        for rule in spec.tensors:
+            if rule.when is not None and not flag_is_set(rule.when, shape_config):
+                continue
+            shape = resolve_shape(rule.shape, shape_config)
+            for layer in layers[rule.scope]:
+                shapes[rule.template.format(layer=layer)] = shape
+    return shapes
+
+
+def _in_memory_expert_shapes(spec: FamilySpec, shape_config: dict) -> dict[str, tuple[int, ...]]:
+    """The source class's own expert keys (fused or OpenMoE's input-major tensors) in every MoE layer."""
+    layout = spec.in_memory_expert_layout()
+    with _missing_field_as_error(spec):
+        rules = {template: resolve_shape(rule, shape_config) for template, rule in layout.keys.items()}
+        moe_layers = spec.moe_layers(shape_config)
+    return {
+        (spec.moepp_prefix + template).format(layer=layer): shape
+        for layer in moe_layers for template, shape in rules.items()
+    }
 
 
 def _canonical_name(name: str, spec: FamilySpec, layer_patterns: list[re.Pattern]) -> str:
@@ -102,11 +135,13 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
         if count < 0:
             raise UpcycleError(f"the number of {name} experts must be 0 or more, got {count}")
 
-    expected = expected_shapes(spec, config)
+    shape_config = _shape_config(spec, config)
+    expert_keys = _in_memory_expert_shapes(spec, shape_config)
+    expected = _table_shapes(spec, shape_config) | expert_keys
     layer_patterns = [
         re.compile(re.escape(prefix).replace(re.escape("{layer}"), r"(\d+)")) for prefix in spec.moe_prefixes
     ]
-    moe_layers = spec.moe_layers(config)
+    moe_layers = spec.moe_layers(shape_config)
     if not moe_layers:
         raise UpcycleError(f"this {spec.name} config has no MoE layer, so there is nothing to convert")
     layouts_found = set()
@@ -117,7 +152,7 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
             want = expected[canonical]
             covered.add(canonical)
         else:
-            want, layout = _expert_key_shape(canonical, spec, config, moe_layers, n_ffn)
+            want, layout = _expert_key_shape(canonical, spec, shape_config, moe_layers, n_ffn)
             if want is None:
                 raise UpcycleError(f"tensor {name} is not part of a {spec.name} model with this config")
             layouts_found.add(layout)
@@ -127,11 +162,11 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
             )
     if len(layouts_found) > 1:
         raise UpcycleError("the checkpoint mixes per-expert and fused expert layouts")
-    fused_keys = {key for key in expected if ".experts." in key}
-    if layouts_found:  # per-expert layout: the fused in-memory keys are covered by per-expert keys
-        _check_per_expert_complete(source, spec, config, moe_layers, n_ffn, layer_patterns)
-        covered |= fused_keys
-    optional = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+    if layouts_found:  # per-expert layout: the in-memory expert keys are covered by per-expert keys
+        _check_per_expert_complete(source, spec, moe_layers, n_ffn, layer_patterns)
+        covered |= set(expert_keys)
+    # a tied LM head is the embedding under a second name: checkpoints of tied models may leave it out
+    optional = {"lm_head.weight"} if shape_config.get("tie_word_embeddings") else set()
     missing = sorted(set(expected) - covered - optional)
     if missing:
         raise UpcycleError(f"the checkpoint lacks tensor {missing[0]} that a {spec.name} model needs")
@@ -144,7 +179,8 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
     return ConversionPlan(spec, layout_name, moe_layers, n_ffn, top_k, hidden, router_dtype, counts)
 
 
-def _expert_key_shape(canonical: str, spec: FamilySpec, config: dict, moe_layers: list[int], n_ffn: int):
+def _expert_key_shape(canonical: str, spec: FamilySpec, config: dict, moe_layers: list[int], n_ffn: int,
+                      ) -> tuple[tuple[int, ...] | None, str | None]:
     """Shape and layout name of a per-expert key, or (None, None) if the name is not one."""
     for layout in spec.expert_layouts:
         for template, rule in layout.keys.items():
@@ -154,11 +190,14 @@ def _expert_key_shape(canonical: str, spec: FamilySpec, config: dict, moe_layers
             pattern = pattern.replace(re.escape("{layer}"), r"(\d+)").replace(re.escape("{expert}"), r"(\d+)")
             match = re.fullmatch(pattern, canonical)
             if match and int(match.group(1)) in moe_layers and int(match.group(2)) < n_ffn:
-                return resolve_shape(rule, config), layout.name
+                with _missing_field_as_error(spec):
+                    return resolve_shape(rule, config), layout.name
     return None, None
 
 
-def _check_per_expert_complete(source, spec, config, moe_layers, n_ffn, layer_patterns) -> None:
+def _check_per_expert_complete(source: SourceCheckpoint, spec: FamilySpec, moe_layers: list[int], n_ffn: int,
+                               layer_patterns: list[re.Pattern]) -> None:
+    """Every per-expert key of every MoE layer is there, once a layer has expert 0 in that layout."""
     present = {_canonical_name(name, spec, layer_patterns) for name in source.tensors}
     for layout in spec.expert_layouts:
         templates = [template for template in layout.keys if "{expert}" in template]

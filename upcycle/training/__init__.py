@@ -11,8 +11,9 @@ _FROM_RECIPE = ("TrainingReport", "TrainingStopped", "run_training", "recipe")
 
 def __getattr__(name: str):
     if name in _FROM_RECIPE:
-        from . import recipe
+        import importlib
 
+        recipe = importlib.import_module(f"{__name__}.recipe")  # `from . import recipe` would recurse here
         return recipe if name == "recipe" else getattr(recipe, name)
     raise AttributeError(f"module 'upcycle.training' has no attribute {name!r}")
 
