@@ -218,3 +218,35 @@ def test_activation_checkpointing_across_dense_layers_gives_the_same_gradients(t
     assert "model.layers.2.mlp.gate.residual_weight" in gradients[0]  # reached across dense layer 1
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_deepseek_v3_multi_token_prediction_layer_is_carried_over(tmp_path):
+    """DeepSeek-V3 checkpoints hold an extra decoder layer (model.layers.61: multi-token prediction) that
+    transformers does not load: conversion keeps its tensors byte for byte and the function is unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_source(FAMILIES["deepseek_v3"], seed=6)
+    source.save_pretrained(tmp_path / "src", save_original_format=True)
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    last = source.config.num_hidden_layers - 1  # the MTP layer repeats a decoder layer's tensors, plus its own
+    mtp = {name.replace(f"model.layers.{last}.", f"model.layers.{last + 1}."): tensor.clone()
+           for name, tensor in state.items() if name.startswith(f"model.layers.{last}.")}
+    hidden = source.config.hidden_size
+    mtp |= {f"model.layers.{last + 1}.enorm.weight": torch.ones(hidden),
+            f"model.layers.{last + 1}.hnorm.weight": torch.ones(hidden),
+            f"model.layers.{last + 1}.eh_proj.weight": torch.randn(hidden, 2 * hidden)}
+    save_file(state | mtp, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config.pop("num_mtp_layers", None)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+
+    convert(tmp_path / "src", tmp_path / "out", ConvertOptions())
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    written = {}
+    for shard in set(index.values()):
+        written |= load_file(str(tmp_path / "out" / shard))
+    for name, tensor in mtp.items():
+        assert torch.equal(written[name], tensor), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
+    assert len(model.model.layers) == source.config.num_hidden_layers
+    assert_same_function(source, model.eval(), probe(8))

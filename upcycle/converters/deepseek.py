@@ -108,6 +108,7 @@ DEEPSEEK_V3 = FamilySpec(
     moepp_prefix="model.layers.{layer}.mlp.",
     moe_layers=deepseek_moe_layers,
     tensors=deepseek_tensors(mlp_bias=None, correction_bias=True),
+    unloaded_layers_field="num_nextn_predict_layers",  # the MTP layer (model.layers.61 in DeepSeek-V3)
     config_aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     config_defaults={"vocab_size": 129280, "intermediate_size": 18432, "num_attention_heads": 128,
                      "first_k_dense_replace": 3, "kv_lora_rank": 512, "q_lora_rank": 1536, "n_shared_experts": 1,

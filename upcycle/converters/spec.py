@@ -129,6 +129,10 @@ class FamilySpec:
     moepp_config_module: str = "configuration_upcycle_moepp"
     moepp_model_module: str = "modeling_upcycle_moepp"
     renormalize_field: str | None = None
+    # Config field counting extra decoder layers after the last one, which the source class does not load
+    # (DeepSeek-V3's multi-token-prediction layers: transformers ignores their keys). Their tensors are carried
+    # over unchanged and not checked; the MoE++ model ignores them as the source class does.
+    unloaded_layers_field: str | None = None
     # Every tensor of the source model but the FFN experts (those are `expert_layouts`), in-memory names.
     tensors: tuple[TensorRule, ...] = ()
     # The source config class's `attribute_map` (alias -> field), as data.
@@ -213,3 +217,12 @@ def swiglu_expert_layouts(n_experts_field: str, intermediate_field: str) -> tupl
             },
         ),
     )
+
+
+def unloaded_layer(name: str, spec: FamilySpec, config: dict) -> bool:
+    """Whether `name` belongs to a decoder layer past the last one that the source class does not load."""
+    if spec.unloaded_layers_field is None or not name.startswith("model.layers."):
+        return False
+    index = name.split(".")[2]
+    first, count = config["num_hidden_layers"], config.get(spec.unloaded_layers_field) or 0
+    return index.isdigit() and first <= int(index) < first + int(count)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.source import SourceCheckpoint
 from ..converters import FamilySpec
-from ..converters.spec import MissingConfigField, flag_is_set, int_field, resolve_shape
+from ..converters.spec import MissingConfigField, flag_is_set, int_field, resolve_shape, unloaded_layer
 from ..errors import UpcycleError
 
 __all__ = ["ConversionPlan", "ZeroComputationCounts", "expected_shapes", "plan_conversion", "resolve_shape"]
@@ -147,6 +147,8 @@ def plan_conversion(source: SourceCheckpoint, spec: FamilySpec, counts: ZeroComp
     layouts_found = set()
     covered: set[str] = set()
     for name, info in sorted(source.tensors.items()):  # sorted: the same first error on every run
+        if unloaded_layer(name, spec, shape_config):
+            continue  # carried over unchanged, as the source class ignores it on load
         canonical = _canonical_name(name, spec, layer_patterns)
         if canonical in expected:
             want = expected[canonical]
