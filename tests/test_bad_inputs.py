@@ -122,7 +122,8 @@ def test_ctrl_c_during_conversion_leaves_nothing(capsys, tmp_path, sharded_sourc
     before = folder_digest(sharded_source)
     result = run_cli(capsys, "convert", sharded_source, tmp_path / "out", "--link", "copy")
     assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.stderr
-    assert len(copies) == 2
+    assert 2 <= len(copies) <= 2 + convert_module.PARALLEL_SHARDS  # no shard starts after the interrupt but those
+    # already in flight in the other copy threads
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "upcycle-partial" in p.name]
     assert folder_digest(sharded_source) == before

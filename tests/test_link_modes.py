@@ -157,3 +157,26 @@ def test_copy_hashes_while_copying_across_chunk_boundaries(tmp_path, monkeypatch
     (tmp_path / "a").write_bytes(data)
     assert output_dir.copy_with_sha256(tmp_path / "a", tmp_path / "b") == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "b").read_bytes() == data
+
+
+@pytest.mark.parametrize("link", ["copy", "hard"])
+def test_without_source_hashes_only_the_free_ones_are_recorded(capsys, tmp_path, sharded_source, hub_cache_source,
+                                                              link):
+    """--no-source-sha256: the shards are still linked or copied byte for byte; upcycle.json records the Hub
+    cache's blob names (free) and, for a plain folder, that no hash was computed."""
+    for source, name in ((sharded_source, "folder"), (hub_cache_source, "hub")):
+        result = run_cli(capsys, "convert", source, tmp_path / name, "--link", link, "--no-source-sha256")
+        assert result.exit_code == 0, result.stderr
+        record = json.loads((tmp_path / name / "upcycle.json").read_text())
+        assert record["history"][0]["options"]["source_sha256"] is False
+        for position, shard in enumerate(source_shards(sharded_source), 1):
+            placed = output_shard(sharded_source, tmp_path / name, position)
+            assert placed.read_bytes() == (sharded_source / shard).read_bytes()
+            entry = record["source_files"][shard]
+            assert entry["written_by"] == ("hard link" if link == "hard" else "copy")
+            if name == "hub":
+                assert entry["sha256_from"] == "hub-cache-blob-name"
+                assert record["source_files_sha256"][shard] == (hub_cache_source / shard).resolve().name
+            else:
+                assert entry["sha256_from"].startswith("not computed")
+                assert record["source_files_sha256"][shard] is None

@@ -60,6 +60,9 @@ def cli() -> None:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="Cast floating-point tensors while streaming (default: keep every dtype, decode nothing).")
 @click.option("--revision", default=None, help="Branch, tag or commit when SOURCE is a Hub repo id.")
+@click.option("--source-sha256/--no-source-sha256", "source_sha256", default=True, show_default=True,
+              help="Record every source shard's sha256 in upcycle.json: free for a Hub-cache source, otherwise one "
+                   "read of each linked or copied shard (all that link mode costs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def convert(source, output, **options) -> None:
     """Convert the MoE checkpoint SOURCE (a folder or a Hub repo id) into an MoE++ checkpoint in OUTPUT."""

@@ -10,12 +10,15 @@ bytes change (`--dtype`, .bin sources): a plain conversion starts in a fraction 
 """
 
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype
-from ..checkpoint.hashing import COMPUTED, check_against_hub_cache, sources_sha256
+from ..checkpoint.hashing import (COMPUTED, HUB_CACHE, NOT_COMPUTED, check_against_hub_cache, hub_cache_sha256,
+                                  sources_sha256)
 from ..checkpoint.source_id import local_source
 from ..checkpoint.linking import LINK_MODES, link_file
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_with_sha256
@@ -31,6 +34,9 @@ from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
 from .new_tensors import NewTensor, count_parameters, new_tensor_specs
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
+
+
+PARALLEL_SHARDS = 2  # unchanged shards copied at once: 2 measured best on a 2-core machine (bench/RESULTS.md)
 
 
 def output_shard_names(source_shards: list[str]) -> tuple[dict[str, str], str]:
@@ -57,6 +63,9 @@ class ConvertOptions:
     link: str = "auto"  # unchanged shards: auto (reflink, else copy), reflink, hard or copy
     dtype: str | None = None  # bfloat16, float16 or float32: cast floating-point tensors; None keeps every dtype
     revision: str | None = None  # branch, tag or commit of a Hub repo id SOURCE
+    # sha256 of every source shard in upcycle.json: free for Hub-cache sources and for rewritten shards, one read
+    # of the shard otherwise (the only cost of link mode). False records only the free ones.
+    source_sha256: bool = True
 
     def counts(self, n_ffn: int) -> ZeroComputationCounts:
         default = ZeroComputationCounts.paper_default(n_ffn)
@@ -79,8 +88,8 @@ class ConversionReport:
 
 @dataclass(frozen=True)
 class ShardResult:
-    sha256: str  # of the source file, for provenance ("" until a linked shard's source is hashed)
-    sha256_from: str  # "computed" or "hub-cache-blob-name"
+    sha256: str  # of the source file, for provenance ("" until a linked or copied shard's source is hashed)
+    sha256_from: str  # "computed", "hub-cache-blob-name" or NOT_COMPUTED
     written_by: str  # reflink, hard link, copy, cast to <dtype>, or .bin to safetensors
 
 
@@ -99,17 +108,42 @@ def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options
         check_against_hub_cache(source_file, digest)
         return ShardResult(digest, COMPUTED, f"cast to {options.dtype}")
     linked = link_file(source_file, destination, options.link)
-    if linked is None:
-        digest = copy_with_sha256(source_file, destination)
-        check_against_hub_cache(source_file, digest)
-        return ShardResult(digest, COMPUTED, "copy")
-    return ShardResult("", "", linked)  # hashed afterwards, all linked shards in parallel
+    if linked is not None:
+        return ShardResult("", "", linked)  # hashed afterwards, all linked shards in parallel
+    if not options.source_sha256:
+        shutil.copy2(source_file, destination)  # in the kernel (copy_file_range) where the platform has it
+        return ShardResult("", "", "copy")
+    digest = copy_with_sha256(source_file, destination)
+    check_against_hub_cache(source_file, digest)
+    return ShardResult(digest, COMPUTED, "copy")
 
 
-def hash_linked_sources(source: SourceCheckpoint, shards: dict[str, ShardResult]) -> dict[str, ShardResult]:
-    """Fill in the sha256 of the shards that were linked (not read): from the Hub cache's blob names, or read."""
+def write_shards(source: SourceCheckpoint, destinations: dict[str, Path],
+                 options: ConvertOptions) -> dict[str, ShardResult]:
+    """`write_shard` for every shard. Shards whose bytes stay are copied or linked PARALLEL_SHARDS at a time
+    (copying and hashing use a core each: on a warm page cache one shard at a time is CPU-bound); shards that
+    are rewritten go one at a time, so that at most one decoded .bin shard is in memory."""
+    rewriting = source.weight_format == PICKLE or options.dtype is not None
+    workers = 1 if rewriting else max(1, min(len(source.shard_files), os.cpu_count() or 1, PARALLEL_SHARDS))
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = {shard: pool.submit(write_shard, source, shard, destinations[shard], options)
+                   for shard in source.shard_files}
+        return {shard: future.result() for shard, future in futures.items()}
+    finally:  # on an error or Ctrl-C: start no further shard; those under way finish, then the output is removed
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def hash_unread_sources(source: SourceCheckpoint, shards: dict[str, ShardResult],
+                        compute: bool) -> dict[str, ShardResult]:
+    """Fill in the sha256 of the shards that were not read (linked, or copied without hashing): from the Hub
+    cache's blob names, or by reading them (`compute`), else marked NOT_COMPUTED."""
     pending = [shard for shard, result in shards.items() if not result.sha256]
-    hashes = sources_sha256([source.path / shard for shard in pending])
+    if compute:
+        hashes = sources_sha256([source.path / shard for shard in pending])
+    else:
+        known = [hub_cache_sha256(source.path / shard) for shard in pending]
+        hashes = [(digest, HUB_CACHE) if digest else ("", NOT_COMPUTED) for digest in known]
     return shards | {shard: replace(shards[shard], sha256=digest, sha256_from=sha256_from)
                      for shard, (digest, sha256_from) in zip(pending, hashes)}
 
@@ -170,11 +204,8 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
 
     with atomic_output_dir(output, options.overwrite) as partial:
         shard_names, new_shard = output_shard_names(source.shard_files)
-        shards = {
-            shard: write_shard(source, shard, partial / shard_names[shard], options)
-            for shard in source.shard_files
-        }
-        shards = hash_linked_sources(source, shards)
+        shards = write_shards(source, {shard: partial / name for shard, name in shard_names.items()}, options)
+        shards = hash_unread_sources(source, shards, compute=options.source_sha256)
         write_new_tensors(added, partial / new_shard)
         weight_map = {name: shard_names[shard] for name, shard in source.weight_map.items()}
         weight_map |= {name: new_shard for name in added}
@@ -192,7 +223,8 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
         resolved = asdict(options) | {"zero_expert_semantics": config["zero_expert_semantics"],
                                       "n_zero": plan.counts.zero, "n_copy": plan.counts.copy,
                                       "n_constant": plan.counts.constant}
-        record = conversion_record(str(source_path), {shard: result.sha256 for shard, result in shards.items()},
+        record = conversion_record(str(source_path),
+                                   {shard: result.sha256 or None for shard, result in shards.items()},
                                    resolved, command)
         record["source_files"] = {
             shard: {"output_file": shard_names[shard], "written_by": result.written_by,
