@@ -169,9 +169,11 @@ def main() -> None:
             total, largest = sum(shard_sizes), max(shard_sizes)
             print(f"\n{total / 1e9:.2f} GB, {n_shards} shards (largest {largest / 1e9:.2f} GB), "
                   f"{config['num_hidden_layers']} layers")
-            link_runs = [("hard", source, "hard, folder"), ("hard", hub_view, "hard, Hub cache"),
-                         ("auto", hub_view, "auto, Hub cache")]
-            copy_keys = ("cp", "copy", "cp cold", "copy cold")
+            link_runs = [("hard", source, "hard, folder", []),
+                         ("hard", source, "hard, folder, --no-source-sha256", ["--no-source-sha256"]),
+                         ("hard", hub_view, "hard, Hub cache", []), ("auto", hub_view, "auto, Hub cache", [])]
+            copy_keys = ("cp", "copy", "copy, --no-source-sha256", "cp cold", "copy cold",
+                         "copy cold, --no-source-sha256")
             runs: dict[str, list[float]] = {key: [] for key in ("startup", *copy_keys)}
             cpu: dict[str, list[float]] = {key: [] for key in ("startup", *copy_keys)}
             copy_rss = []
@@ -188,30 +190,36 @@ def main() -> None:
                     cpu["cp" + cache].append(cpu_seconds)
                     shutil.rmtree(root / "cp-copy")
                     os.sync()
-                    if cache:
-                        evict_from_page_cache(source)
-                    seconds, rss, cpu_seconds = timed([*UPCYCLE, "convert", str(source), str(root / "out"),
-                                                       "--link", "copy"])
-                    runs["copy" + cache].append(seconds)
-                    cpu["copy" + cache].append(cpu_seconds)
-                    copy_rss.append(rss)
-                    shutil.rmtree(root / "out")
-                for mode, folder, label in link_runs:
+                    for extra in ([], ["--no-source-sha256"]):
+                        os.sync()
+                        if cache:
+                            evict_from_page_cache(source)
+                        seconds, rss, cpu_seconds = timed([*UPCYCLE, "convert", str(source), str(root / "out"),
+                                                           "--link", "copy", *extra])
+                        key = "copy" + cache + "".join(", " + flag for flag in extra)
+                        runs[key].append(seconds)
+                        cpu[key].append(cpu_seconds)
+                        copy_rss.append(rss)
+                        shutil.rmtree(root / "out")
+                for mode, folder, label, extra in link_runs:
                     os.sync()
                     seconds, _, cpu_seconds = timed([*UPCYCLE, "convert", str(folder), str(root / "out"),
-                                                     "--link", mode])
+                                                     "--link", mode, *extra])
                     written_by = json.loads((root / "out" / "upcycle.json").read_text())["source_files"]
                     shutil.rmtree(root / "out")
                     kinds = "/".join(sorted({entry["written_by"] for entry in written_by.values()}))
                     runs.setdefault(f"{label} ({kinds})", []).append(seconds)
                     cpu.setdefault(f"{label} ({kinds})", []).append(cpu_seconds)
             budget = baseline_rss + largest + RSS_MARGIN_BYTES
-            ratios = {cache: [copy / cp for copy, cp in zip(runs["copy" + cache], runs["cp" + cache])]
-                      for cache in ("", " cold")}
-            best = {cache: min(runs["copy" + cache]) / min(runs["cp" + cache]) for cache in ("", " cold")}
+            variants = {cache + flag: cache for cache in ("", " cold") for flag in ("", ", --no-source-sha256")}
+            ratios = {variant: [copy / cp for copy, cp in zip(runs["copy" + variant], runs["cp" + cache])]
+                      for variant, cache in variants.items()}
+            best = {variant: min(runs["copy" + variant]) / min(runs["cp" + cache])
+                    for variant, cache in variants.items()}
             row = {"size_gb": total / 1e9, "shards": n_shards, "largest_shard_gb": largest / 1e9, "seconds": runs,
                    "cpu_seconds": cpu, "copy_over_cp": ratios[""], "copy_over_cp_best": best[""],
                    "copy_over_cp_cold": ratios[" cold"], "copy_over_cp_cold_best": best[" cold"],
+                   "copy_over_cp_variants": ratios, "copy_over_cp_variants_best": best,
                    "copy_rss_mib": max(copy_rss) / 2**20, "rss_budget_mib": budget / 2**20}
             rows.append(row)
 
@@ -221,10 +229,11 @@ def main() -> None:
             print("  wall seconds per run (CPU seconds, user + system, in brackets)")
             print(f"  upcycle --help (start-up):  {show(runs['startup'])} ({show(cpu['startup'])})")
             for cache, label in (("", "warm"), (" cold", "cold")):
-                print(f"  cp -r, {label}:                {show(runs['cp' + cache])} ({show(cpu['cp' + cache])})")
-                print(f"  convert --link copy, {label}:  {show(runs['copy' + cache])} ({show(cpu['copy' + cache])}); "
-                      f"copy / cp per run: {show(ratios[cache])}, best / best {best[cache]:.2f} "
-                      f"(limit {COPY_RATIO_LIMIT})")
+                print(f"  cp -r, {label}: {show(runs['cp' + cache])} ({show(cpu['cp' + cache])})")
+                for variant in (cache, cache + ", --no-source-sha256"):
+                    print(f"  convert --link copy{variant.replace(' cold', '')}, {label}: {show(runs['copy' + variant])} "
+                          f"({show(cpu['copy' + variant])}); copy / cp per run: {show(ratios[variant])}, "
+                          f"best / best {best[variant]:.2f} (limit {COPY_RATIO_LIMIT})")
             print(f"  peak RSS, convert copy:     {row['copy_rss_mib']:.0f} MiB (limit {row['rss_budget_mib']:.0f} "
                   f"= baseline {baseline_rss / 2**20:.0f} + largest shard {largest / 2**20:.0f} + 300)")
             for label, values in runs.items():

@@ -130,10 +130,11 @@ def main() -> None:
                         set_budget(variant)
                     model.train(backward)
                     if scope == "model":
-                        seconds = timed(lambda: whole_model_step(model, timing_tokens, backward))
+                        seconds = timed(lambda model=model, backward=backward: whole_model_step(model, timing_tokens, backward))
                     else:
                         blocks = [layer.mlp for layer in model.model.layers]
-                        seconds = timed(lambda: moe_layers_step(blocks, moe_inputs[variant], backward))
+                        seconds = timed(lambda blocks=blocks, variant=variant, backward=backward:
+                                        moe_layers_step(blocks, moe_inputs[variant], backward))
                     model.zero_grad(set_to_none=True)
                     if repeat:
                         results.setdefault((scope, backward, variant), []).append(seconds)

@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cli_runner import run_cli
 from conftest import folder_digest, save_source, tiny_mixtral
 
@@ -122,8 +121,8 @@ def test_ctrl_c_during_conversion_leaves_nothing(capsys, tmp_path, sharded_sourc
     before = folder_digest(sharded_source)
     result = run_cli(capsys, "convert", sharded_source, tmp_path / "out", "--link", "copy")
     assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.stderr
-    assert 2 <= len(copies) <= 2 + convert_module.PARALLEL_SHARDS  # no shard starts after the interrupt but those
-    # already in flight in the other copy threads
+    # no shard starts after the interrupt: only one already under way in the other copy thread may finish
+    assert 2 <= len(copies) <= convert_module.PARALLEL_SHARDS + 1
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "upcycle-partial" in p.name]
     assert folder_digest(sharded_source) == before

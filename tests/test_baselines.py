@@ -1,8 +1,8 @@
 """Training-free variable-k baselines on transformers' MixtralForCausalLM."""
 
 import torch
-
 from conftest import tiny_mixtral
+
 from upcycle.baselines import fit_knob, keep_mask, measure, variable_k_routing
 
 

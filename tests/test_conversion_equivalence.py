@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import save_source, tiny_mixtral
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import save_source, tiny_mixtral
 from upcycle.surgery.convert import ConvertOptions, convert
 
 LAYOUTS = [("per-expert", False), ("per-expert", True), ("fused", False), ("fused", True)]
@@ -42,7 +42,7 @@ def test_unchanged_tensors_keep_names_and_bytes(tmp_path, per_expert_source):
     convert(per_expert_source, tmp_path / "out", ConvertOptions())
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(str(per_expert_source / "model.safetensors"), "pt") as source_file:
-        for name in source_file.keys():
+        for name in source_file.keys():  # noqa: SIM118 (safe_open is not a dict)
             with safe_open(str(tmp_path / "out" / index[name]), "pt") as output_file:
                 assert torch.equal(output_file.get_tensor(name), source_file.get_tensor(name)), name
     source_bytes = (per_expert_source / "model.safetensors").read_bytes()

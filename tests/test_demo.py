@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import run_cli
+
 from upcycle.demo import DEMO_MODEL, DemoOptions, run_demo
 
 

@@ -4,9 +4,8 @@ import json
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from cli_runner import run_cli
+from safetensors.torch import load_file, save_file
 
 
 def test_convert_prints_a_summary(capsys, tmp_path, per_expert_source):

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import folder_digest
+
 from upcycle.verify import load_causal_lm
 
-HEAVY = ("torch", "transformers", "accelerate", "peft")
+HEAVY = ("torch", "transformers", "accelerate", "peft", "huggingface_hub.hf_api")  # hf_api: the Hub client
 RUN_AND_REPORT = """
 import json, sys
 from upcycle.cli import main

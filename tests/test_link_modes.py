@@ -180,3 +180,18 @@ def test_without_source_hashes_only_the_free_ones_are_recorded(capsys, tmp_path,
             else:
                 assert entry["sha256_from"].startswith("not computed")
                 assert record["source_files_sha256"][shard] is None
+
+
+@pytest.mark.parametrize("kernel_copy", ["available", "refused"])
+def test_kernel_copy_and_its_fallback_copy_every_byte(tmp_path, monkeypatch, kernel_copy):
+    from upcycle.checkpoint.output_dir import copy_in_kernel
+
+    source = tmp_path / "shard.safetensors"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    if kernel_copy == "refused":  # e.g. an older kernel, or a filesystem pair it cannot copy between
+        def refuse(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    copy_in_kernel(source, tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == source.read_bytes()

@@ -10,7 +10,6 @@ import pytest
 import torch
 from cli_runner import run_cli
 from safetensors import safe_open
-from text_fixtures import text_corpus, trained_mixtral, trained_moepp  # noqa: F401  (session fixtures)
 
 from upcycle.budget.controller import BudgetController, first_pick_thresholds
 from upcycle.errors import UpcycleError

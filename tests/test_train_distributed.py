@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from text_fixtures import text_corpus, trained_moepp  # noqa: F401  (session fixtures)
 
 from upcycle.training.metrics import read_metrics
 from upcycle.verify import load_causal_lm

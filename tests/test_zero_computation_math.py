@@ -4,11 +4,13 @@ The reference here is a direct per-token computation written from docs/layer-mat
 vectorised block: softmax over all N+Z logits, top-k of logits + bias, the Zero semantics, renormalisation.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_MIXTRAL
+
 from upcycle.modeling.configuration_upcycle_moepp import MoePPMixtralConfig
 from upcycle.modeling.modeling_upcycle_moepp import MoePPMixtralSparseMoeBlock
 
@@ -98,13 +100,13 @@ def test_copy_expert_alone_passes_the_token_unchanged():
 
 def test_two_zero_experts_make_the_layer_add_nothing():
     block = make_block(n_zero=2, n_copy=0, n_constant=0)
-    x, y, _ = run(block, torch.full((2,), 100.0), "drop_and_renormalize")
+    _, y, _ = run(block, torch.full((2,), 100.0), "drop_and_renormalize")
     assert torch.equal(y, torch.zeros_like(y))
 
 
 def test_mixed_biases_match_direct_computation():
     block = make_block(n_zero=1, n_copy=1, n_constant=2, semantics="keep_weight", seed=4)
-    x, y, expected = run(block, torch.tensor([0.3, -0.2, 0.1, 0.4]), "keep_weight", tokens=40)
+    _, y, expected = run(block, torch.tensor([0.3, -0.2, 0.1, 0.4]), "keep_weight", tokens=40)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -121,5 +123,5 @@ def test_raising_the_selection_bias_lowers_ffn_experts_per_token(converted):
             stats = model(tokens, output_router_logits=True).routing_statistics
         measured.append(stats["ffn_experts_per_token"].mean().item())
     assert measured[0] == 2.0 and measured[-1] == 0.0
-    assert all(a >= b for a, b in zip(measured, measured[1:])), measured
+    assert all(a >= b for a, b in itertools.pairwise(measured)), measured
     assert len(set(measured)) > 3  # the knob moves through intermediate budgets, not only 2 -> 0

@@ -66,7 +66,8 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def convert(source, output, **options) -> None:
     """Convert the MoE checkpoint SOURCE (a folder or a Hub repo id) into an MoE++ checkpoint in OUTPUT."""
-    from .surgery.convert import ConvertOptions, convert as run_convert
+    from .surgery.convert import ConvertOptions
+    from .surgery.convert import convert as run_convert
 
     report = run_convert(source, output, ConvertOptions(**options), command=_command_line())
     counts = report.plan.counts
@@ -121,7 +122,7 @@ def demo(output, train_steps) -> None:
 
 
 # Commands of other parts live in their own modules and attach themselves to `cli` on import.
-from . import cli_budget, cli_publish, cli_train  # noqa: E402,F401
+from . import cli_budget, cli_publish, cli_train  # noqa: F401
 
 
 def main() -> None:

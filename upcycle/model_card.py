@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+import yaml
+from huggingface_hub.repocard_data import ModelCardData  # light: not huggingface_hub's Hub client
 
 from .checkpoint.source_id import is_repo_id
 from .inspect_checkpoint import CheckpointSummary, inspect_checkpoint
@@ -21,6 +22,8 @@ CARD_FILE = "README.md"
 PLOTS_DIR = "plots"
 BASE_TAGS = ["moe", "moe++", "upcycle", "custom_code"]
 LICENSE_FIELDS = ("license", "license_name", "license_link")
+# A README.md's YAML front matter, as huggingface_hub's repocard finds it
+FRONT_MATTER = re.compile(r"^\s*---[\r\n]+([\S\s]*?)[\r\n]+---(?:\r\n|\n|$)")
 # The Hub knows four relations: adapter (only adapter weights, applied on top of the base), merge (several
 # models combined), quantized (the base's weights at lower precision) and finetune. An upcycled checkpoint
 # holds a full set of weights: the base's, plus new router rows, constant experts and gating residuals, later
@@ -48,13 +51,15 @@ def looks_like_repo_id(source: str | None) -> bool:
 
 
 def read_card_metadata(readme: Path) -> dict:
-    """The YAML front matter of a README.md as a dict ({} when absent or unreadable)."""
+    """The YAML front matter of a README.md as a dict ({} when absent or unreadable), as ModelCard.load reads it."""
     if not readme.is_file():
         return {}
     try:
-        return ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
-    except (ValueError, UnicodeDecodeError, OSError):
+        match = FRONT_MATTER.match(readme.read_text(encoding="utf-8"))
+        metadata = yaml.safe_load(match.group(1)) if match else {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _license_fields(*readmes: Path) -> dict:
@@ -198,7 +203,15 @@ def _card_data(checkpoint: Path, summary: CheckpointSummary, base_model: str | N
 
 
 def build_model_card(checkpoint_dir: Path, *, name: str | None = None, base_model: str | None = None,
-                     source_dir: Path | None = None) -> ModelCard:
+                     source_dir: Path | None = None):
+    """`model_card_text` as huggingface_hub's ModelCard (imported here: it brings the Hub client along)."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(model_card_text(checkpoint_dir, name=name, base_model=base_model, source_dir=source_dir))
+
+
+def model_card_text(checkpoint_dir: Path, *, name: str | None = None, base_model: str | None = None,
+                    source_dir: Path | None = None) -> str:
     """The card of an upcycle checkpoint folder (config.json + upcycle.json + shards), fresh from its files.
 
     name: the Hub repo id (or the folder's name) shown in the title and the loading snippet.
@@ -229,12 +242,16 @@ def build_model_card(checkpoint_dir: Path, *, name: str | None = None, base_mode
     sections += ["## Load it", _load_section(model_id, has_tokenizer), "## How it was made",
                  _commands_section(provenance)]
     data = _card_data(checkpoint, summary, base_model, license_fields)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
 
 def write_model_card(folder: Path, *, name: str | None = None, base_model: str | None = None,
-                     source_dir: Path | None = None) -> ModelCard:
-    """Build the card of `folder` and save it as its README.md (called last, once every other file is there)."""
-    card = build_model_card(folder, name=name, base_model=base_model, source_dir=source_dir)
-    card.save(Path(folder) / CARD_FILE)
-    return card
+                     source_dir: Path | None = None) -> str:
+    """Build the card of `folder` and save it as its README.md (called last, once every other file is there).
+
+    Returns the text; it is a fixed point of ModelCard's parser (ModelCard.load of the file writes it back byte
+    for byte), and writing it needs no import of the Hub client."""
+    text = model_card_text(folder, name=name, base_model=base_model, source_dir=source_dir)
+    with open(Path(folder) / CARD_FILE, "w", newline="", encoding="utf-8") as handle:  # as ModelCard.save does
+        handle.write(text)
+    return text

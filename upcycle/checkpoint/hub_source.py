@@ -27,6 +27,7 @@ from ..errors import UpcycleError
 from .source import TOKENIZER_AND_GENERATION_FILES, WEIGHT_FILES
 from .source_id import REPO_ID, ResolvedSource, is_repo_id, local_source  # noqa: F401 (re-exported)
 
+
 def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedSource:
     """A local folder as it is, or a Hub repo id fetched into the Hub cache (only the files needed)."""
     return local_source(source, revision) or download_source(str(source), revision)

@@ -1,6 +1,7 @@
 """Outputs appear atomically or not at all: written into a hidden sibling folder, renamed at the end."""
 
 import contextlib
+import errno
 import hashlib
 import mmap
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..errors import UpcycleError
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
+KERNEL_COPY_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
 def check_output_path(output: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
@@ -76,3 +78,23 @@ def copy_with_sha256(source: Path, destination: Path) -> str:
                 hashing.result()
     shutil.copystat(source, destination)
     return digest.hexdigest()
+
+
+def copy_in_kernel(source: Path, destination: Path) -> None:
+    """Copy a file byte for byte without its bytes passing through user space (copy_file_range, as `cp` does),
+    falling back to a buffered copy where the kernel or filesystem cannot."""
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        size, offset = os.fstat(reader.fileno()).st_size, 0
+        try:
+            while offset < size:
+                copied = os.copy_file_range(reader.fileno(), writer.fileno(), size - offset, offset, offset)
+                if copied == 0:
+                    raise UpcycleError(f"{Path(source).name} shrank while it was copied")
+                offset += copied
+        except (AttributeError, OSError) as error:  # no copy_file_range here (or not across these filesystems)
+            if isinstance(error, OSError) and error.errno not in KERNEL_COPY_UNSUPPORTED:
+                raise
+            reader.seek(offset)
+            writer.seek(offset)
+            shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
+    shutil.copystat(source, destination)

@@ -14,7 +14,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from .moepp_fields import ZERO_EXPERT_SEMANTICS, MoePPFields  # noqa: F401 (re-exported)
+from .moepp_fields import ZERO_EXPERT_SEMANTICS, MoePPFields
 
 
 @strict

@@ -12,19 +12,26 @@ bytes change (`--dtype`, .bin sources): a plain conversion starts in a fraction 
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype
-from ..checkpoint.hashing import (COMPUTED, HUB_CACHE, NOT_COMPUTED, check_against_hub_cache, hub_cache_sha256,
-                                  sources_sha256)
-from ..checkpoint.source_id import local_source
+from ..checkpoint.hashing import (
+    COMPUTED,
+    HUB_CACHE,
+    NOT_COMPUTED,
+    check_against_hub_cache,
+    hub_cache_sha256,
+    sources_sha256,
+)
 from ..checkpoint.linking import LINK_MODES, link_file
-from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_with_sha256
+from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_in_kernel, copy_with_sha256
 from ..checkpoint.safetensors_header import DTYPE_BYTES, TensorInfo
 from ..checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from ..checkpoint.source import INDEX_FILE, PICKLE, SourceCheckpoint, open_source
+from ..checkpoint.source_id import local_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
 from ..model_card import write_model_card
@@ -34,7 +41,6 @@ from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
 from .new_tensors import NewTensor, count_parameters, new_tensor_specs
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
-
 
 PARALLEL_SHARDS = 2  # unchanged shards copied at once: 2 measured best on a 2-core machine (bench/RESULTS.md)
 
@@ -111,7 +117,7 @@ def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options
     if linked is not None:
         return ShardResult("", "", linked)  # hashed afterwards, all linked shards in parallel
     if not options.source_sha256:
-        shutil.copy2(source_file, destination)  # in the kernel (copy_file_range) where the platform has it
+        copy_in_kernel(source_file, destination)
         return ShardResult("", "", "copy")
     digest = copy_with_sha256(source_file, destination)
     check_against_hub_cache(source_file, digest)
@@ -125,12 +131,23 @@ def write_shards(source: SourceCheckpoint, destinations: dict[str, Path],
     are rewritten go one at a time, so that at most one decoded .bin shard is in memory."""
     rewriting = source.weight_format == PICKLE or options.dtype is not None
     workers = 1 if rewriting else max(1, min(len(source.shard_files), os.cpu_count() or 1, PARALLEL_SHARDS))
+    failed = threading.Event()  # after any failure (or Ctrl-C) no further shard starts
+
+    def write_unless_failed(shard: str) -> ShardResult | None:
+        if failed.is_set():
+            return None
+        try:
+            return write_shard(source, shard, destinations[shard], options)
+        except BaseException:
+            failed.set()
+            raise
+
     pool = ThreadPoolExecutor(workers)
     try:
-        futures = {shard: pool.submit(write_shard, source, shard, destinations[shard], options)
-                   for shard in source.shard_files}
+        futures = {shard: pool.submit(write_unless_failed, shard) for shard in source.shard_files}
         return {shard: future.result() for shard, future in futures.items()}
-    finally:  # on an error or Ctrl-C: start no further shard; those under way finish, then the output is removed
+    finally:  # on an error or Ctrl-C the shards under way finish, then the caller removes the output
+        failed.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
