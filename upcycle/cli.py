@@ -112,8 +112,8 @@ def verify(source, converted, tolerance) -> None:
 @cli.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("upcycle-demo"), show_default=True,
               help="Folder for the demo's checkpoints, results.json and plots.")
-@click.option("--train-steps", type=click.IntRange(min=1), default=150, show_default=True,
-              help="Training steps per budget (default recipe).")
+@click.option("--train-steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training steps per budget (LoRA on the experts, routers, distillation).")
 def demo(output, train_steps) -> None:
     """Run the whole job on the embedded default model (no download)."""
     from .demo import DemoOptions, run_demo

@@ -126,12 +126,11 @@ def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options
 
 def write_shards(source: SourceCheckpoint, destinations: dict[str, Path],
                  options: ConvertOptions) -> dict[str, ShardResult]:
-    """`write_shard` for every shard. Copies that hash go PARALLEL_SHARDS at a time (sha256 is the bottleneck: one
-    core per shard); everything else one shard at a time: kernel copies without hashing read the disk in order
-    (two interleaved streams were measured slower from a cold cache), links are instant (their hashing runs
-    afterwards, in parallel), and at most one decoded shard of a rewrite (.bin, `--dtype`) is in memory."""
-    hashing_copies = source.weight_format != PICKLE and options.dtype is None and options.source_sha256
-    workers = max(1, min(len(source.shard_files), os.cpu_count() or 1, PARALLEL_SHARDS)) if hashing_copies else 1
+    """`write_shard` for every shard. Shards whose bytes stay are copied or linked PARALLEL_SHARDS at a time (with
+    hashing, sha256 is the bottleneck: one core per shard; kernel copies without hashing were measured no slower
+    two at a time); shards that are rewritten go one at a time, so that at most one decoded shard is in memory."""
+    rewriting = source.weight_format == PICKLE or options.dtype is not None
+    workers = 1 if rewriting else max(1, min(len(source.shard_files), os.cpu_count() or 1, PARALLEL_SHARDS))
     failed = threading.Event()  # after any failure (or Ctrl-C) no further shard starts
 
     def write_unless_failed(shard: str) -> ShardResult | None:

@@ -4,9 +4,13 @@
 
 Cross-entropy and beta * L_b come from the model itself (`output_router_logits=True` with labels; tau and beta
 are the config's `balance_tau` and `balance_loss_coef`, see docs/layer-math.md). The self-distillation teacher is
-the source's behaviour: the same model with every selection bias at -inf, so no zero-computation expert can be
-selected or take probability mass, which is exactly how the converted model reproduces its source. It runs under
-no_grad on the same weights, so no second copy of the model is kept.
+the model the run started from, with its zero-computation experts switched off: every selection bias at -inf (no
+zero-computation expert can be selected or take probability mass, which is exactly how a converted model
+reproduces its source) and every trainable parameter put back to its starting value for the teacher's pass
+(`StartingWeights`). The trainable set decides what that costs: a copy of the routers and constant experts (the
+default set), of the LoRA adapters (whose starting value switches them off), or of the whole model (`--full`).
+Without the starting weights the teacher would move with the student and anchor nothing (measured: LoRA with
+such a teacher diverged).
 """
 
 import contextlib
@@ -51,18 +55,46 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+class StartingWeights:
+    """The trainable parameters' values when the run started; `restored()` puts them back for a pass.
+
+    Values are copied in place (not swapped by reference), so the parameters stay the objects the optimizer,
+    DDP and FSDP hold. Taken before a resumed run loads its checkpoint, so a resumed run has the same teacher."""
+
+    def __init__(self, model: nn.Module):
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.starting = [parameter.detach().clone() for parameter in self.parameters]
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        with torch.no_grad():
+            current = [parameter.detach().clone() for parameter in self.parameters]
+            try:
+                for parameter, starting in zip(self.parameters, self.starting):
+                    parameter.copy_(starting)
+                yield
+            finally:
+                for parameter, value in zip(self.parameters, current):
+                    parameter.copy_(value)
+
+
 def compute_losses(model: nn.Module, input_ids: torch.Tensor, selection_biases: Sequence[torch.Tensor],
                    balance_loss_coef: float, distill_weight: float = 0.0,
-                   distill_temperature: float = 1.0) -> StepLosses:
-    """One forward pass (plus a no-grad teacher pass when distilling) on input_ids (B, S)."""
+                   distill_temperature: float = 1.0, starting_weights: StartingWeights | None = None) -> StepLosses:
+    """One forward pass (after a no-grad teacher pass when distilling) on input_ids (B, S).
+
+    The teacher runs first, before the student's graph exists, with the starting weights restored when given."""
+    teacher_logits = None
+    if distill_weight > 0:
+        restored = starting_weights.restored() if starting_weights is not None else contextlib.nullcontext()
+        with torch.no_grad(), zero_computation_switched_off(selection_biases), restored:
+            teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # (B, S, V)
     output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, use_cache=False)
     balance = output.aux_loss.float()
     loss = output.loss
     lm_loss = loss.detach().float() - balance_loss_coef * balance.detach()
     distill = torch.zeros((), device=loss.device)
-    if distill_weight > 0:
-        with torch.no_grad(), zero_computation_switched_off(selection_biases):
-            teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # (B, S, V)
+    if teacher_logits is not None:
         distill = distillation_kl(output.logits, teacher_logits, distill_temperature)
         loss = loss + distill_weight * distill
     return StepLosses(

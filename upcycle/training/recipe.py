@@ -27,7 +27,7 @@ from ..errors import UpcycleError
 from . import checkpointing
 from .data_order import BlockOrder
 from .heldout import evaluate_heldout
-from .losses import compute_losses
+from .losses import StartingWeights, compute_losses
 from .metrics import MetricsLog
 from .options import TrainOptions, options_record
 from .output import train_step_record, write_trained_checkpoint
@@ -139,6 +139,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(options))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     selection_biases = SelectionBiases(moe_blocks)
+    # the distillation teacher's weights: taken now, before a resumed run loads its checkpoint
+    starting_weights = StartingWeights(model) if options.distill_weight > 0 else None
 
     controller = None
     if options.target_ffn_per_token is not None:
@@ -171,7 +173,7 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     try:
         for step in range(start_step, options.steps):
             metrics.step(train_step(step, model, optimizer, scheduler, accelerator, controller, blocks.train, order,
-                                    selection_biases, options))
+                                    selection_biases, options, starting_weights))
             done = step + 1
             if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.steps:
                 checkpointing.save_checkpoint(accelerator, run_dir, done, world_size, record,
@@ -202,7 +204,7 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
 
 def train_step(step: int, model, optimizer, scheduler, accelerator: Accelerator, controller: BudgetController | None,
                train_blocks: torch.Tensor, order: BlockOrder, selection_biases: "SelectionBiases",
-               options: TrainOptions) -> dict:
+               options: TrainOptions, starting_weights: StartingWeights | None = None) -> dict:
     """One optimizer step (0-based `step`) over the accumulation micro-batches; returns its metrics record."""
     started = time.perf_counter()
     accumulation = options.gradient_accumulation_steps
@@ -215,7 +217,7 @@ def train_step(step: int, model, optimizer, scheduler, accelerator: Accelerator,
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 losses = compute_losses(model, batch, selection_biases(), options.balance_loss_coef,
-                                        options.distill_weight, options.distill_temperature)
+                                        options.distill_weight, options.distill_temperature, starting_weights)
             accelerator.backward(losses.loss / accumulation)
         for name in ("lm_loss", "balance_loss", "distill_kl", "ffn_experts_per_token"):
             sums[name] = sums.get(name, 0) + getattr(losses, name).float() / accumulation
