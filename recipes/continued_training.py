@@ -22,8 +22,8 @@ What one run does (upcycle/training/recipe.py, read top to bottom):
    - lora: peft LoRA on attention and on the fused FFN expert weights, merged into the weights on save;
    - full: everything.
 4. Losses (upcycle/training/losses.py): cross-entropy + beta * heterogeneous balance loss (tau weighs the
-   zero-computation experts), plus optional KL self-distillation toward the source: the same weights with every
-   selection bias at -inf route exactly as the source did, run under no_grad, no second model copy.
+   zero-computation experts), plus optional KL self-distillation toward the source: the starting weights of the
+   trained set, restored for a no_grad teacher pass with every selection bias at -inf, compute the source.
 5. The budget controller (upcycle/budget/controller.py): after every step, each layer's selection biases move by
    lr * spread * (measured FFN experts per token - target); the target ramps from the source's top-k.
 6. Every N steps a training checkpoint (model, optimizer, scheduler, RNG, controller); a NaN or inf loss or
