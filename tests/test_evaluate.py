@@ -57,6 +57,9 @@ def test_converted_model_evaluates_like_its_source(models, heldout):
     report = evaluate_model(moepp, heldout, source_model=source)
     assert report.is_moepp and report.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
     assert report.kl_to_source == pytest.approx(0.0, abs=1e-6)
+    # paired on the same blocks, the converted model is its source: ratio 1 with an interval of float rounding
+    low, high = report.perplexity_ratio_to_source_interval_95
+    assert report.perplexity_ratio_to_source == pytest.approx(1.0, abs=1e-5) and 1 - 1e-5 < low <= high < 1 + 1e-5
     assert report.ffn_experts_per_token == 2.0 and sum(report.zero_computation_share.values()) == 0.0
     assert [layer.layer for layer in report.per_layer] == [0, 1, 2]
     for ours, theirs in zip(report.per_layer, expected.per_layer):
@@ -86,6 +89,17 @@ def test_budget_shows_in_every_metric(models, heldout, trained_moepp):
     nll = F.cross_entropy(output.logits[:, :-1].transpose(1, 2), heldout[:, 1:])
     assert report.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
     assert not model.training
+    # the paired ratio: exp of the mean per-block loss difference to transformers' own loss of the source
+    with torch.no_grad():
+        source_losses = torch.stack([source(block[None], labels=block[None]).loss for block in heldout]).double()
+        model_losses = torch.stack([model(block[None], labels=block[None]).loss for block in heldout]).double()
+    differences = model_losses - source_losses  # (16,)
+    assert report.perplexity_ratio_to_source == pytest.approx(math.exp(differences.mean().item()), rel=1e-5)
+    low, high = report.perplexity_ratio_to_source_interval_95
+    assert 1.0 < low < report.perplexity_ratio_to_source < high  # the budget costs quality, significantly here
+    # pairing: the ratio's interval is narrower than what the two unpaired intervals would allow
+    unpaired = 1.96 * math.sqrt(model_losses.var().item() / 16 + source_losses.var().item() / 16)
+    assert math.log(high) - math.log(low) < 2 * unpaired
 
 
 def test_eval_cli_json_and_plots(capsys, tmp_path, trained_moepp, trained_mixtral, text_corpus):
