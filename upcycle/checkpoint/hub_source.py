@@ -25,12 +25,7 @@ from huggingface_hub.errors import (
 
 from ..errors import UpcycleError
 from .source import TOKENIZER_AND_GENERATION_FILES, WEIGHT_FILES
-from .source_id import REPO_ID, ResolvedSource, is_repo_id, local_source  # noqa: F401 (re-exported)
-
-
-def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedSource:
-    """A local folder as it is, or a Hub repo id fetched into the Hub cache (only the files needed)."""
-    return local_source(source, revision) or download_source(str(source), revision)
+from .source_id import REPO_ID, ResolvedSource, is_repo_id, resolve_source  # noqa: F401 (re-exported)
 
 
 def files_to_fetch(repo_files: list[str], read_weight_map: Callable[[str], dict[str, str]]) -> list[str]:

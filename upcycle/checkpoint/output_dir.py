@@ -3,7 +3,6 @@
 import contextlib
 import errno
 import hashlib
-import mmap
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import UpcycleError
+from .hashing import mapped_chunks
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 KERNEL_COPY_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
@@ -68,14 +68,10 @@ def copy_with_sha256(source: Path, destination: Path) -> str:
     """
     digest = hashlib.sha256()
     with open(source, "rb") as reader, open(destination, "wb") as writer, ThreadPoolExecutor(1) as hasher:
-        size = os.fstat(reader.fileno()).st_size
-        for offset in range(0, size, COPY_CHUNK_BYTES):  # a multiple of the page size, as mmap requires
-            length = min(COPY_CHUNK_BYTES, size - offset)
-            with mmap.mmap(reader.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
-                    memoryview(mapped) as chunk:
-                hashing = hasher.submit(digest.update, chunk)
-                writer.write(chunk)
-                hashing.result()
+        for chunk in mapped_chunks(reader, COPY_CHUNK_BYTES):
+            hashing = hasher.submit(digest.update, chunk)
+            writer.write(chunk)
+            hashing.result()
     shutil.copystat(source, destination)
     return digest.hexdigest()
 

@@ -20,6 +20,17 @@ def is_repo_id(text: str) -> bool:
     return bool(REPO_ID.fullmatch(text)) and ".." not in text and not text.endswith(".git")
 
 
+def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedSource:
+    """A local folder as it is, or a Hub repo id fetched into the Hub cache (only the files needed). The Hub
+    download machinery is imported only for a repo id."""
+    local = local_source(source, revision)
+    if local is not None:
+        return local
+    from .hub_source import download_source
+
+    return download_source(str(source), revision)
+
+
 def local_source(source: str | Path, revision: str | None = None) -> ResolvedSource | None:
     """SOURCE as a local path (a path that exists, or anything that cannot be a repo id); None for a repo id."""
     path = Path(source)

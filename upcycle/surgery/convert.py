@@ -18,20 +18,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype
-from ..checkpoint.hashing import (
-    COMPUTED,
-    HUB_CACHE,
-    NOT_COMPUTED,
-    check_against_hub_cache,
-    hub_cache_sha256,
-    sources_sha256,
-)
+from ..checkpoint.hashing import COMPUTED, check_against_hub_cache, sources_sha256
 from ..checkpoint.linking import LINK_MODES, link_file
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_in_kernel, copy_with_sha256
 from ..checkpoint.safetensors_header import DTYPE_BYTES, TensorInfo
 from ..checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from ..checkpoint.source import INDEX_FILE, PICKLE, SourceCheckpoint, open_source
-from ..checkpoint.source_id import local_source
+from ..checkpoint.source_id import resolve_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
 from ..model_card import write_model_card
@@ -95,21 +88,23 @@ class ConversionReport:
 @dataclass(frozen=True)
 class ShardResult:
     sha256: str  # of the source file, for provenance ("" until a linked or copied shard's source is hashed)
-    sha256_from: str  # "computed", "hub-cache-blob-name" or NOT_COMPUTED
+    sha256_from: str  # "computed", "hub-cache-blob-name" or hashing.NOT_COMPUTED
     written_by: str  # reflink, hard link, copy, cast to <dtype>, or .bin to safetensors
 
 
 def write_shard(source: SourceCheckpoint, shard: str, destination: Path, options: ConvertOptions) -> ShardResult:
     """One source shard -> one output shard: linked or copied when its bytes stay, rewritten when they change."""
     source_file, target = source.path / shard, target_dtype(options.dtype)
-    if source.weight_format == PICKLE or target is not None:  # torch decodes and casts: imported only here
-        from ..checkpoint.shard_rewrite import rewrite_pickle_shard, rewrite_safetensors_shard
     if source.weight_format == PICKLE:
+        from ..checkpoint.shard_rewrite import rewrite_pickle_shard  # torch: imported only to decode or cast
+
         digest = rewrite_pickle_shard(source_file, destination, target)
         check_against_hub_cache(source_file, digest)
         return ShardResult(digest, COMPUTED, ".bin to safetensors" + (f", cast to {options.dtype}" * bool(target)))
     names = [name for name, file in source.weight_map.items() if file == shard]
     if any(output_dtype(source.tensors[name].dtype, target) != source.tensors[name].dtype for name in names):
+        from ..checkpoint.shard_rewrite import rewrite_safetensors_shard
+
         digest = rewrite_safetensors_shard(source_file, destination, target)
         check_against_hub_cache(source_file, digest)
         return ShardResult(digest, COMPUTED, f"cast to {options.dtype}")
@@ -156,11 +151,7 @@ def hash_unread_sources(source: SourceCheckpoint, shards: dict[str, ShardResult]
     """Fill in the sha256 of the shards that were not read (linked, or copied without hashing): from the Hub
     cache's blob names, or by reading them (`compute`), else marked NOT_COMPUTED."""
     pending = [shard for shard, result in shards.items() if not result.sha256]
-    if compute:
-        hashes = sources_sha256([source.path / shard for shard in pending])
-    else:
-        known = [hub_cache_sha256(source.path / shard) for shard in pending]
-        hashes = [(digest, HUB_CACHE) if digest else ("", NOT_COMPUTED) for digest in known]
+    hashes = sources_sha256([source.path / shard for shard in pending], compute)
     return shards | {shard: replace(shards[shard], sha256=digest, sha256_from=sha256_from)
                      for shard, (digest, sha256_from) in zip(pending, hashes)}
 
@@ -194,11 +185,7 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
     """Validate everything, then write the MoE++ checkpoint atomically; the source is only read."""
     output = Path(output)
     target = _check_options(options)
-    resolved_source = local_source(source_path, options.revision)
-    if resolved_source is None:  # a Hub repo id: huggingface_hub's download machinery, imported only then
-        from ..checkpoint.hub_source import download_source
-
-        resolved_source = download_source(str(source_path), options.revision)
+    resolved_source = resolve_source(source_path, options.revision)
     source = open_source(resolved_source.path)
     spec = family_for_config(source.config)
     plan = plan_conversion(source, spec, options.counts(spec.n_experts(source.config)))
