@@ -145,6 +145,12 @@ def _layer_evals(totals: _RoutingTotals, layout, top_k: int, layer_indices: list
     return per_layer
 
 
+def _block_losses(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits of (B, L) tokens -> (B,) mean next-token cross-entropy per block, on the CPU."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")  # (B, L-1)
+    return nll.mean(dim=1).cpu()
+
+
 def _token_kl(source_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of KL(source || model): logits (B, L, V) each -> scalar."""
     source_log_probs = F.log_softmax(source_logits.float(), dim=-1)
@@ -172,8 +178,7 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
         for batch in blocks.split(batch_size):
             batch = batch.to(device)  # (B, L)
             output = model(batch, output_router_logits=top_k is not None, use_cache=False)
-            nll = F.cross_entropy(output.logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none")
-            block_losses.append(nll.mean(dim=1).cpu())  # (B,)
+            block_losses.append(_block_losses(output.logits, batch))
             if top_k is not None:
                 counts = (_moepp_slot_counts(output, batch.numel(), top_k) if is_moepp
                           else _source_slot_counts(output, top_k))
@@ -183,9 +188,7 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
                 source_device = next(source_model.parameters()).device
                 source_logits = source_model(batch.to(source_device), use_cache=False).logits.to(device)
                 kl_sum += _token_kl(source_logits, output.logits).item()
-                source_nll = F.cross_entropy(source_logits[:, :-1].float().transpose(1, 2), batch[:, 1:],
-                                             reduction="none")  # (B, L-1)
-                source_block_losses.append(source_nll.mean(dim=1).cpu())
+                source_block_losses.append(_block_losses(source_logits, batch))
                 kl_tokens += batch.numel()
     finally:
         model.train(was_training)

@@ -33,18 +33,22 @@ class StepLosses:
 
 
 @contextlib.contextmanager
-def zero_computation_switched_off(selection_biases: Sequence[torch.Tensor]) -> Iterator[None]:
+def temporarily_set(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Copy `values` into `tensors` in place for the block, then copy the tensors' own values back."""
+    with torch.no_grad():
+        saved = [tensor.detach().clone() for tensor in tensors]
+        try:
+            for tensor, value in zip(tensors, values):
+                tensor.copy_(value)
+            yield
+        finally:
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+
+
+def zero_computation_switched_off(selection_biases: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
     """Temporarily set every selection bias to -inf: the model then routes exactly as its source."""
-    saved = [bias.clone() for bias in selection_biases]
-    try:
-        with torch.no_grad():
-            for bias in selection_biases:
-                bias.fill_(float("-inf"))
-        yield
-    finally:
-        with torch.no_grad():
-            for bias, value in zip(selection_biases, saved):
-                bias.copy_(value)
+    return temporarily_set(selection_biases, [torch.full_like(bias, float("-inf")) for bias in selection_biases])
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,17 +69,8 @@ class StartingWeights:
         self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.starting = [parameter.detach().clone() for parameter in self.parameters]
 
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        with torch.no_grad():
-            current = [parameter.detach().clone() for parameter in self.parameters]
-            try:
-                for parameter, starting in zip(self.parameters, self.starting):
-                    parameter.copy_(starting)
-                yield
-            finally:
-                for parameter, value in zip(self.parameters, current):
-                    parameter.copy_(value)
+    def restored(self) -> contextlib.AbstractContextManager:
+        return temporarily_set(self.parameters, self.starting)
 
 
 def compute_losses(model: nn.Module, input_ids: torch.Tensor, selection_biases: Sequence[torch.Tensor],
