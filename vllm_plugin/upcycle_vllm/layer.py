@@ -1,0 +1,234 @@
+"""The MoE++ sparse block on vLLM's FusedMoE: router over FFN + zero-computation experts, gating residual,
+selection bias, Zero/Copy/Constant experts, and FFN kernels that see only the slots routed to FFN experts.
+
+The math is upcycle's (docs/layer-math.md; reference: upcycle/modeling/moepp_layer.py). Shapes: T tokens,
+D hidden size, N FFN experts, Z zero-computation experts (expert order FFN 0..N-1, zero, copy, constant), k slots.
+"""
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+from vllm.model_executor.utils import set_weight_attrs
+
+# Every MoE++ block built in this process, for FFN-row accounting (stats()).
+_BLOCKS: "weakref.WeakValueDictionary[str, MoePPSparseBlock]" = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    n_ffn: int
+    n_zero: int
+    n_copy: int
+    n_constant: int
+
+    @property
+    def n_zero_computation(self) -> int:
+        return self.n_zero + self.n_copy + self.n_constant
+
+    @property
+    def n_total(self) -> int:
+        return self.n_ffn + self.n_zero_computation
+
+    @property
+    def copy_start(self) -> int:
+        return self.n_ffn + self.n_zero
+
+    @property
+    def constant_start(self) -> int:
+        return self.n_ffn + self.n_zero + self.n_copy
+
+
+def _param(*shape: int, dtype: torch.dtype, fill: float = 0.0) -> nn.Parameter:
+    parameter = nn.Parameter(torch.full(shape, fill, dtype=dtype), requires_grad=False)
+    return parameter
+
+
+class MoePPGate(nn.Module):
+    """The MoE++ router's saved tensors, under the checkpoint's names (`mlp.gate.*`).
+
+    weight (N, D) the source router; zero_computation_weight (Z, D); residual_weight (N+Z, N+Z) W_g, absent in the
+    first MoE layer; selection_bias (Z,) selection-only bias, -inf = switched off.
+    """
+
+    def __init__(self, layout: ExpertLayout, hidden_size: int, has_residual: bool, params_dtype: torch.dtype):
+        super().__init__()
+        self.layout = layout
+        self.weight = _param(layout.n_ffn, hidden_size, dtype=params_dtype)
+        self.zero_computation_weight = _param(layout.n_zero_computation, hidden_size, dtype=params_dtype)
+        self.residual_weight = (
+            _param(layout.n_total, layout.n_total, dtype=params_dtype) if has_residual else None
+        )
+        # Saved in float32 or the router's dtype; kept as float32 here (it only ranks scores).
+        self.selection_bias = _param(layout.n_zero_computation, dtype=torch.float32, fill=float("-inf"))
+        set_weight_attrs(self.selection_bias, {"weight_loader": _load_float32})
+        self.finalize()
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Derived tensors, once the checkpoint is loaded: the (N+Z, D) router matrix, selection scores' bias,
+        the softmax mask of switched-off experts, and whether this layer routes exactly like its source."""
+        layout = self.layout
+        self.router_weight = torch.cat([self.weight, self.zero_computation_weight.to(self.weight.dtype)])
+        bias = self.selection_bias.float()
+        device = bias.device
+        self.score_bias = torch.cat([torch.zeros(layout.n_ffn, device=device), bias])  # (N+Z,)
+        off = torch.cat([torch.zeros(layout.n_ffn, dtype=torch.bool, device=device), torch.isneginf(bias)])
+        self.probability_mask = torch.zeros(layout.n_total, device=device).masked_fill(off, float("-inf"))
+        # Every zero-computation expert switched off: no slot can leave the FFN experts, and the probabilities
+        # over the FFN experts are the source's softmax (the full budget, e.g. right after `upcycle convert`).
+        self.all_switched_off = bool(torch.isneginf(bias).all())
+        self.residual_weight_f32 = None if self.residual_weight is None else self.residual_weight.float()
+
+    def logits(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None) -> torch.Tensor:
+        """G_j = W_j x + W_g^j G_{j-1}: (T, D), (T, N+Z) or None -> (T, N+Z) float32 (matmul in the model dtype)."""
+        logits = F.linear(hidden_states, self.router_weight.to(hidden_states.dtype)).float()
+        if self.residual_weight_f32 is not None and previous_logits is not None:
+            logits = logits + F.linear(previous_logits, self.residual_weight_f32)
+        return logits
+
+
+def _load_float32(parameter: torch.Tensor, loaded: torch.Tensor) -> None:
+    parameter.data.copy_(loaded.to(torch.float32))
+
+
+class ZeroComputationExperts(nn.Module):
+    """Zero (0), Copy (x) and Constant (a1 x + a2 v_j, [a1, a2] = softmax(W_c^j x)) in a few vectorised ops."""
+
+    def __init__(self, layout: ExpertLayout, hidden_size: int, params_dtype: torch.dtype):
+        super().__init__()
+        self.layout = layout
+        self.constant_vectors = _param(layout.n_constant, hidden_size, dtype=params_dtype)  # (C, D)
+        self.constant_ratio_weight = _param(layout.n_constant, 2, hidden_size, dtype=params_dtype)  # (C, 2, D)
+
+    def forward(self, hidden_states: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(T, D), index (T, k), weights (T, k) float32 -> (T, D): the zero-computation experts' contribution."""
+        layout = self.layout
+        dtype = hidden_states.dtype
+        is_copy = (index >= layout.copy_start) & (index < layout.constant_start)
+        x_coefficient = (weights * is_copy).sum(dim=-1)  # (T,)
+        if layout.n_constant == 0:
+            return x_coefficient.to(dtype).unsqueeze(-1) * hidden_states
+        ratio_logits = torch.einsum("td,cjd->tcj", hidden_states, self.constant_ratio_weight.to(dtype))
+        ratios = torch.softmax(ratio_logits.float(), dim=-1)  # (T, C, 2)
+        constant_slot = index - layout.constant_start  # (T, k), >= 0 for constant slots
+        slot_weights = weights * (constant_slot >= 0)
+        constant_weights = torch.zeros(index.shape[0], layout.n_constant, device=index.device,
+                                       dtype=slot_weights.dtype).scatter_add_(1, constant_slot.clamp_min(0),
+                                                                              slot_weights)  # (T, C)
+        x_coefficient = x_coefficient + (constant_weights * ratios[..., 0]).sum(dim=-1)
+        constant_part = (constant_weights * ratios[..., 1]).to(dtype) @ self.constant_vectors.to(dtype)  # (T, D)
+        return x_coefficient.to(dtype).unsqueeze(-1) * hidden_states + constant_part
+
+
+def normalize_top_k_weights(weights: torch.Tensor, index: torch.Tensor, layout: ExpertLayout, renormalize: bool,
+                            zero_expert_semantics: str) -> torch.Tensor:
+    """Zero-expert semantics, then the family's top-k normalisation: (T, k) -> (T, k). As upcycle computes it."""
+    tiny = torch.finfo(weights.dtype).tiny
+    if zero_expert_semantics == "drop_and_renormalize":
+        is_zero = (index >= layout.n_ffn) & (index < layout.copy_start)
+        kept = weights.masked_fill(is_zero, 0.0)
+        if renormalize:
+            return kept / kept.sum(dim=-1, keepdim=True).clamp_min(tiny)
+        return kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(tiny))
+    if renormalize:
+        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    return weights
+
+
+class MoePPSparseBlock(nn.Module):
+    """An MoE++ layer: MoE++ router, vLLM FusedMoE for the N FFN experts, zero-computation experts beside it.
+
+    FFN work is skipped, not masked: when some slots go to zero-computation experts, the FusedMoE kernel gets one
+    row per (token, slot) routed to an FFN expert (top-1 rows), so its work is the number of FFN slots. At the
+    full budget (every selection bias -inf) the layer calls FusedMoE exactly as the source model does.
+    """
+
+    def __init__(self, config, *, layout: ExpertLayout, top_k: int, intermediate_size: int, renormalize: bool,
+                 zero_expert_semantics: str, has_residual: bool, ckpt_names: tuple[str, str, str],
+                 routing_weights_in_input_dtype: bool, quant_config, params_dtype: torch.dtype, prefix: str):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.layout = layout
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.zero_expert_semantics = zero_expert_semantics
+        self.routing_weights_in_input_dtype = routing_weights_in_input_dtype
+        self.gate = MoePPGate(layout, hidden_size, has_residual, params_dtype)
+        self.zero_computation_experts = ZeroComputationExperts(layout, hidden_size, params_dtype)
+        self._routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (weights, ids) for the next FusedMoE call
+        self.experts = FusedMoEFactory(
+            num_experts=layout.n_ffn,
+            top_k=top_k,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            params_dtype=params_dtype,
+            renormalize=renormalize,
+            quant_config=quant_config,
+            prefix=f"{prefix}.experts",
+            custom_routing_function=self._route,
+            ckpt_names=ckpt_names,
+        )
+        # FFN-row accounting: tokens seen and (token, slot) rows the FFN kernel processed.
+        self.tokens = 0
+        self.ffn_rows = 0
+        _BLOCKS[prefix] = self
+
+    def _route(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
+        """FusedMoE's routing: the MoE++ routing computed in forward() when there is one, else the source's
+        softmax top-k over the N FFN logits (float32)."""
+        if self._routed is not None:
+            weights, ids = self._routed
+            self._routed = None
+            return weights, ids
+        probabilities = torch.softmax(gating_output.float(), dim=-1)
+        weights, ids = torch.topk(probabilities, topk, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.routing_weights_in_input_dtype:
+            weights = weights.to(hidden_states.dtype)
+        return weights, ids
+
+    def forward(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None):
+        """(T, D), previous MoE layer's G (T, N+Z) or None -> output (T, D), this layer's G (T, N+Z) float32."""
+        n_tokens = hidden_states.shape[0]
+        n_ffn = self.layout.n_ffn
+        logits = self.gate.logits(hidden_states, previous_logits)  # (T, N+Z)
+        if self.gate.all_switched_off:
+            self.tokens += n_tokens
+            self.ffn_rows += n_tokens * self.top_k
+            return self.experts(hidden_states, logits[:, :n_ffn]), logits
+        index = torch.topk(logits + self.gate.score_bias, self.top_k, dim=-1).indices  # (T, k)
+        probabilities = torch.softmax(logits + self.gate.probability_mask, dim=-1)  # (T, N+Z)
+        weights = normalize_top_k_weights(probabilities.gather(-1, index), index, self.layout, self.renormalize,
+                                          self.zero_expert_semantics)  # (T, k) float32
+        output = self.zero_computation_experts(hidden_states, index, weights)
+        ffn_weights = weights.to(hidden_states.dtype).float() if self.routing_weights_in_input_dtype else weights
+        token_rows, slots = (index < n_ffn).nonzero(as_tuple=True)  # (S,) each: the slots routed to FFN experts
+        n_rows = token_rows.numel()
+        self.tokens += n_tokens
+        self.ffn_rows += n_rows
+        if n_rows == n_tokens * self.top_k:  # every slot is an FFN slot: the source's call, MoE++ weights
+            self._routed = (ffn_weights.contiguous(), index.to(torch.int32).contiguous())
+            return output + self.experts(hidden_states, logits[:, :n_ffn]), logits
+        if n_rows == 0:
+            return output, logits
+        self._routed = (ffn_weights[token_rows, slots].unsqueeze(1).contiguous(),
+                        index[token_rows, slots].unsqueeze(1).to(torch.int32).contiguous())
+        routed = self.experts(hidden_states[token_rows], logits[token_rows, :n_ffn])  # (S, D): one slot per row
+        return output.index_add_(0, token_rows, routed.to(output.dtype)), logits
+
+
+def stats(reset: bool = False) -> dict[str, dict[str, int]]:
+    """FFN-row accounting of every MoE++ block in this process: {layer prefix: {"tokens", "ffn_rows"}}."""
+    result = {}
+    for prefix, block in sorted(_BLOCKS.items()):
+        result[prefix] = {"tokens": block.tokens, "ffn_rows": block.ffn_rows}
+        if reset:
+            block.tokens = 0
+            block.ffn_rows = 0
+    return result
