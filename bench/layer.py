@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
+from upcycle.data.corpus import split_documents, stdlib_documents
+from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
 from upcycle.budget.calibrate import calibrate_model
-from upcycle.corpus import split_documents, stdlib_documents
-from upcycle.evaluate import evaluate_model
+from upcycle.checkpoint.loading import load_causal_lm
+from upcycle.evaluation.evaluate import evaluate_model
 from upcycle.surgery.convert import ConvertOptions, convert
-from upcycle.tokenizer_training import train_bpe_tokenizer
-from upcycle.verify import load_causal_lm
 
 SHAPE = dict(hidden_size=512, intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)

@@ -23,12 +23,12 @@ from accelerate import Accelerator
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from upcycle.budget.controller import BudgetController
+from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.surgery.convert import ConvertOptions, convert
 from upcycle.training.data_order import BlockOrder
 from upcycle.training.options import TrainOptions
 from upcycle.training.recipe import SelectionBiases, train_step
 from upcycle.training.trainable import is_ffn_expert, select_trainable
-from upcycle.verify import load_causal_lm
 
 
 def build_checkpoint(folder: Path, args) -> Path:

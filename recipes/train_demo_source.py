@@ -1,7 +1,7 @@
 """Train the embedded default: a small Mixtral on the CPython standard library's own documentation.
 
 This reproduces `upcycle/assets/demo_model/` from scratch on any machine (no download): the text is the running
-Python's pydoc topics and standard-library docstrings (upcycle.corpus, fixed held-out split by document name),
+Python's pydoc topics and standard-library docstrings (upcycle.data.corpus, fixed held-out split by document name),
 the tokenizer a byte-level BPE trained on the train split, the model a Mixtral (8 experts, top-2) trained with
 AdamW and Mixtral's own load-balancing loss. The checkpoint with the best validation loss is kept; its held-out
 perplexity and how specialised its routers are go into `training.json` beside the weights.
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
+from upcycle.data.corpus import write_corpus
+from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
-from upcycle.corpus import write_corpus
-from upcycle.data import load_texts, load_token_blocks
-from upcycle.tokenizer_training import train_bpe_tokenizer
+from upcycle.data.blocks import load_texts, load_token_blocks
 
 MODEL = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,

@@ -3,7 +3,7 @@
 import torch
 from conftest import tiny_mixtral
 
-from upcycle.baselines import fit_knob, keep_mask, measure, variable_k_routing
+from upcycle.evaluation.baselines import fit_knob, keep_mask, measure, variable_k_routing
 
 
 def test_neutral_knobs_leave_the_source_unchanged():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from upcycle.budget.calibrate import bisect_offset, ffn_experts_per_token, relative_biases
-from upcycle.data import load_token_blocks
+from upcycle.data.blocks import load_token_blocks
 from upcycle.modeling.moepp_layer import ExpertLayout
 
 # 6k calibration tokens; about 10k held-out tokens (a quarter of the documents among the first 50k tokens)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from upcycle.verify import load_causal_lm
+from upcycle.checkpoint.loading import load_causal_lm
 
 
 def active_model(converted):

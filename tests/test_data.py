@@ -1,14 +1,14 @@
-"""The corpus, the BPE tokenizer and text -> packed token blocks (upcycle.corpus, tokenizer_training, data)."""
+"""The corpus, the BPE tokenizer and text -> packed token blocks (upcycle.data.corpus, tokenizer_training, data)."""
 
 import json
 
 import pytest
 import torch
+from upcycle.data.corpus import split_documents, stable_fraction, stdlib_documents
+from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
-from upcycle.corpus import split_documents, stable_fraction, stdlib_documents
-from upcycle.data import load_checkpoint_tokenizer, load_texts, load_token_blocks
+from upcycle.data.blocks import load_checkpoint_tokenizer, load_texts, load_token_blocks
 from upcycle.errors import UpcycleError
-from upcycle.tokenizer_training import train_bpe_tokenizer
 
 DOCUMENTS = ["First document.\n\nIts second paragraph.", "Second document, one line.", "Third: ünïcode ✓ text."]
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import save_source, tiny_mixtral
 
+from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.surgery.convert import ConvertOptions, convert
 from upcycle.training.losses import StartingWeights, compute_losses
 from upcycle.training.options import TrainOptions
 from upcycle.training.trainable import select_trainable
-from upcycle.verify import load_causal_lm
 
 
 @pytest.mark.parametrize("trainable", ["default", "lora", "full"])

@@ -1,4 +1,4 @@
-"""`upcycle eval` and upcycle.evaluate: perplexity, FFN experts per token, shares, load balance, KL."""
+"""`upcycle eval` and upcycle.evaluation.evaluate: perplexity, FFN experts per token, shares, load balance, KL."""
 
 import json
 import math
@@ -11,9 +11,9 @@ from cli_runner import run_cli
 from transformers import MixtralForCausalLM
 
 from upcycle.budget.calibrate import calibrate_model
-from upcycle.data import load_token_blocks
-from upcycle.evaluate import evaluate_model
-from upcycle.verify import load_causal_lm
+from upcycle.checkpoint.loading import load_causal_lm
+from upcycle.data.blocks import load_token_blocks
+from upcycle.evaluation.evaluate import evaluate_model
 
 BLOCK_SIZE = 64
 

@@ -11,7 +11,7 @@ import sys
 import torch
 from conftest import folder_digest
 
-from upcycle.verify import load_causal_lm
+from upcycle.checkpoint.loading import load_causal_lm
 
 HEAVY = ("torch", "transformers", "accelerate", "peft", "huggingface_hub.hf_api")  # hf_api: the Hub client
 RUN_AND_REPORT = """

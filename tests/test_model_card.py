@@ -7,8 +7,8 @@ from pathlib import Path
 from cli_runner import run_cli
 from huggingface_hub import ModelCard
 
-from upcycle.inspect_checkpoint import inspect_checkpoint
-from upcycle.model_card import build_model_card, looks_like_repo_id, write_model_card
+from upcycle.checkpoint.inspect import inspect_checkpoint
+from upcycle.checkpoint.model_card import build_model_card, looks_like_repo_id, write_model_card
 
 MIXTRAL_ID = "mistralai/Mixtral-8x7B-v0.1"
 # A 1x1 PNG (the smallest valid file), standing in for the plots `upcycle eval --plots` writes.
@@ -106,7 +106,7 @@ def test_budget_that_depends_on_the_data_is_said_so(monkeypatch, tmp_path, conve
     """Raised selection biases and no measurement yet: inspect reports None, the card says how to measure it."""
     import dataclasses
 
-    from upcycle import model_card
+    from upcycle.checkpoint import model_card
 
     summary = dataclasses.replace(inspect_checkpoint(converted), ffn_experts_per_token=None,
                                   parameters_active_per_token=None)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.modeling.moepp_layer import routing_statistics
-from upcycle.verify import load_causal_lm
 
 
 def activate_moepp(model, seed=0):

@@ -310,7 +310,7 @@ def test_dry_run_lists_files_and_card_without_network_or_token(capsys, monkeypat
 
 def test_big_folders_take_the_resumable_large_folder_path_where_huggingface_hub_has_one(monkeypatch, checkpoint):
     """upload_large_folder (huggingface_hub 1.x) above LARGE_FOLDER_BYTES; without it, upload_folder (which resumes)."""
-    from upcycle import hub
+    from upcycle.publish import push as hub
 
     calls = []
 

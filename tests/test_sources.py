@@ -16,8 +16,8 @@ from conftest import save_source, tiny_mixtral
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from upcycle.checkpoint import hub_source
-from upcycle.checkpoint.hub_source import files_to_fetch, resolve_source
+from upcycle.checkpoint import hub_download
+from upcycle.checkpoint.hub_download import files_to_fetch, resolve_source
 from upcycle.errors import UpcycleError
 from upcycle.surgery.convert import ConvertOptions, convert
 
@@ -282,7 +282,7 @@ class FakeHub:
 
     def list_repo_files(self, repo_id, revision):
         if repo_id != REPO_ID:
-            error = hub_source.RepositoryNotFoundError.__new__(hub_source.RepositoryNotFoundError)
+            error = hub_download.RepositoryNotFoundError.__new__(hub_download.RepositoryNotFoundError)
             Exception.__init__(error, "404 Client Error: Repository Not Found")
             raise error
         return [*self.remote, "README.md", "consolidated.00.pt", "original/params.json"]
@@ -302,7 +302,7 @@ def fake_hub(tmp_path, monkeypatch) -> FakeHub:
     remote = folder_files(save_source(tiny_mixtral(), tmp_path / "remote", "per-expert", sharded=True))
     hub = FakeHub(tmp_path / "hub-cache", remote)
     for name in ("list_repo_files", "snapshot_download", "hf_hub_download"):
-        monkeypatch.setattr(hub_source, name, getattr(hub, name))
+        monkeypatch.setattr(hub_download, name, getattr(hub, name))
     return hub
 
 

@@ -12,12 +12,12 @@ from cli_runner import run_cli
 from safetensors import safe_open
 
 from upcycle.budget.controller import BudgetController, first_pick_thresholds
+from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.errors import UpcycleError
 from upcycle.training import TrainingStopped, TrainOptions, build_options, recipe, run_training
 from upcycle.training.losses import compute_losses, zero_computation_switched_off
 from upcycle.training.metrics import read_metrics
 from upcycle.training.trainable import is_ffn_expert, select_trainable
-from upcycle.verify import load_causal_lm
 
 SMALL = {"block_size": 32, "micro_batch_size": 4, "max_tokens": 12_000, "eval_max_blocks": 16, "progress": False,
          "tensorboard": False, "checkpoint_every": 0}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.training.metrics import read_metrics
-from upcycle.verify import load_causal_lm
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "continued_training.py"
 

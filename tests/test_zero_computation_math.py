@@ -111,7 +111,8 @@ def test_mixed_biases_match_direct_computation():
 
 
 def test_raising_the_selection_bias_lowers_ffn_experts_per_token(converted):
-    from upcycle.verify import load_causal_lm, probe_tokens
+    from upcycle.checkpoint.loading import load_causal_lm
+    from upcycle.surgery.verify import probe_tokens
 
     model = load_causal_lm(converted)
     tokens = probe_tokens(model.config.vocab_size, batch=4, length=32)

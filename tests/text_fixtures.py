@@ -2,7 +2,7 @@
 
 Plain functions taking pytest's `tmp_path_factory` (importable by any test, bench or demo test), plus
 session fixtures wrapping them. Everything is cached for the session in a tmp folder:
-- `stdlib_corpus`: train.txt / heldout.txt of the standard library's documentation (upcycle.corpus);
+- `stdlib_corpus`: train.txt / heldout.txt of the standard library's documentation (upcycle.data.corpus);
 - `corpus_tokenizer`: a byte-level BPE tokenizer (2048 tokens) trained on train.txt;
 - `tiny_trained_mixtral`: a 3-layer, 8-expert top-2 MixtralForCausalLM trained a few dozen steps on the corpus
   (so routers are not random), saved with its tokenizer;
@@ -45,7 +45,7 @@ def _cached(key: str, build):
 
 def stdlib_corpus(tmp_path_factory) -> Path:
     """Folder with train.txt and heldout.txt (documents separated by two blank lines)."""
-    from upcycle.corpus import write_corpus
+    from upcycle.data.corpus import write_corpus
 
     def build() -> Path:
         folder = tmp_path_factory.mktemp("stdlib-corpus")
@@ -57,8 +57,9 @@ def stdlib_corpus(tmp_path_factory) -> Path:
 
 def corpus_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer of TOKENIZER_VOCAB tokens trained on the corpus' train.txt."""
-    from upcycle.data import load_texts
-    from upcycle.tokenizer_training import train_bpe_tokenizer
+    from upcycle.data.tokenizer_training import train_bpe_tokenizer
+
+    from upcycle.data.blocks import load_texts
 
     return _cached("tokenizer", lambda: train_bpe_tokenizer(
         load_texts(stdlib_corpus(tmp_path_factory) / "train.txt"), vocab_size=TOKENIZER_VOCAB))
@@ -66,7 +67,7 @@ def corpus_tokenizer(tmp_path_factory):
 
 def train_tiny_mixtral(tokenizer, data: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> MixtralForCausalLM:
     """A tiny Mixtral trained `steps` AdamW steps on the packed train blocks of `data`."""
-    from upcycle.data import load_token_blocks
+    from upcycle.data.blocks import load_token_blocks
 
     batch_blocks, block_size = TRAIN_BATCH
     blocks = load_token_blocks(data, tokenizer, block_size, seed=seed, max_tokens=TRAIN_MAX_TOKENS)

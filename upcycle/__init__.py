@@ -5,7 +5,7 @@ second. To load converted checkpoints with transformers' Auto classes in-process
 `upcycle.register_auto_classes()` first; upcycle's own loaders do.
 """
 
-from .auto_classes import register_auto_classes
+from .checkpoint.loading import register_auto_classes
 
 __version__ = "0.1.0"
 

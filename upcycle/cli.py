@@ -1,5 +1,11 @@
-"""The `upcycle` command: one short function per command, each a thin wrapper over the library."""
+"""The `upcycle` command: one short function per command, each a thin wrapper over the library.
 
+The top of the house: commands import the library lazily (inside each command) so that `upcycle --help` and a
+plain `convert` start without torch or transformers; nothing in the library imports this module.
+Shared option groups: `data_options` (calibrate, eval) and `options_from_dataclass` (train's TrainOptions).
+"""
+
+import dataclasses
 import json
 import os
 import shlex
@@ -9,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import UpcycleError
+from .training.options import FIELDS, field_type
 
 
 def _quiet_libraries() -> None:
@@ -83,7 +90,7 @@ def convert(source, output, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(checkpoint, as_json) -> None:
     """Describe CHECKPOINT: family, layers, experts by type, parameters, files, provenance."""
-    from .inspect_checkpoint import format_summary, inspect_checkpoint
+    from .checkpoint.inspect import format_summary, inspect_checkpoint
 
     summary = inspect_checkpoint(checkpoint)
     click.echo(json.dumps(summary.as_dict(), indent=2) if as_json else format_summary(summary))
@@ -96,7 +103,7 @@ def inspect(checkpoint, as_json) -> None:
               help="Largest allowed absolute logit difference (float32).")
 def verify(source, converted, tolerance) -> None:
     """Check that CONVERTED computes what SOURCE computes, on probe tokens."""
-    from .verify import verify as run_verify
+    from .surgery.verify import verify as run_verify
 
     report = run_verify(source, converted, tolerance)
     generation = "identical" if report.greedy_generation_equal else "different"
@@ -121,8 +128,162 @@ def demo(output, train_steps) -> None:
     run_demo(DemoOptions(output=output, train_steps=train_steps), echo=click.echo)
 
 
-# Commands of other parts live in their own modules and attach themselves to `cli` on import.
-from . import cli_budget, cli_publish, cli_train  # noqa: F401
+def data_options(command):
+    """Options shared by calibrate and eval: how the data becomes token blocks."""
+    options = [
+        click.option("--data", required=True, help="A .txt / .jsonl / .parquet file, a folder of .txt files, or "
+                                                   "a Hub dataset name (online)."),
+        click.option("--text-field", default="text", show_default=True, help="The text field of .jsonl/.parquet."),
+        click.option("--block-size", type=click.IntRange(min=2), default=256, show_default=True,
+                     help="Tokens per packed sequence."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Sequences per forward pass."),
+        click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+                     show_default=True, help="Share of documents held out (split by a hash of each document)."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+                     help="Read at most this many tokens of the data (documents in order)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Order of the training blocks."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--target-ffn-per-token", "target", type=float, required=True,
+              help="Mean FFN experts per token to reach (between top-k minus the zero-computation experts and top-k).")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the calibrated checkpoint.")
+@data_options
+@click.option("--batches", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Calibration batches (from the data's training blocks).")
+@click.option("--priority", default="zero,constant,copy", show_default=True,
+              help="Order in which zero-computation types take tokens, for layers whose biases are all -inf.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+def calibrate(checkpoint, target, output, data, text_field, block_size, batch_size, heldout_fraction, max_tokens,
+              seed, batches, priority, overwrite) -> None:
+    """Set CHECKPOINT's selection biases so that a target number of FFN experts per token holds (no training)."""
+    from .budget.calibrate import TOLERANCE, CalibrateOptions
+    from .budget.calibrate import calibrate as run_calibrate
+
+    options = CalibrateOptions(
+        target_ffn_per_token=target, batches=batches, batch_size=batch_size, block_size=block_size, seed=seed,
+        heldout_fraction=heldout_fraction, max_tokens=max_tokens, text_field=text_field,
+        priority=tuple(kind.strip() for kind in priority.split(",")), overwrite=overwrite,
+    )
+    report = run_calibrate(checkpoint, output, data, options, command=_command_line())
+    per_layer = ", ".join(f"{value:.2f}" for value in report.heldout_per_layer)
+    click.echo(f"calibrated {len(report.layers)} MoE layers on {report.calibration_tokens:,} tokens: "
+               f"{report.heldout_ffn_experts_per_token:.3f} FFN experts per token on {report.heldout_tokens:,} "
+               f"held-out tokens (target {target:g}; per layer {per_layer}), held-out perplexity "
+               f"{report.heldout_perplexity:.3f}; wrote {report.output}")
+    if not report.within_tolerance:
+        click.echo(f"warning: the held-out mean misses the target by more than {TOLERANCE}; calibrate on more "
+                   "data (--batches, --block-size) or held-out text closer to the calibration text", err=True)
+
+
+@cli.command(name="eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@data_options
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint: adds KL(source || model) per token.")
+@click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Evaluate at most this many blocks.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Write per-layer plots (PNG) into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint, data, text_field, block_size, batch_size, heldout_fraction, max_tokens, seed, source,
+             max_blocks, plots_dir, as_json) -> None:
+    """Perplexity, FFN experts per token, zero-computation shares, load balance (and KL to SOURCE) on held-out text."""
+    from .evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_report
+
+    options = EvalOptions(block_size=block_size, batch_size=batch_size, seed=seed, heldout_fraction=heldout_fraction,
+                          max_tokens=max_tokens, max_blocks=max_blocks, text_field=text_field)
+    report = evaluate_checkpoint(checkpoint, data, source, options)
+    result = report.as_dict()
+    if plots_dir is not None:
+        from .evaluation.plots import write_eval_plots
+
+        result["plots"] = [str(path) for path in write_eval_plots(result, plots_dir)]
+    click.echo(json.dumps(result, indent=2) if as_json else format_report(report))
+    if plots_dir is not None and not as_json:
+        click.echo(f"plots: {', '.join(result['plots'])}")
+
+
+def _flag_help(field: dataclasses.Field) -> str:
+    default = field.default
+    shown = "none" if default is None else default
+    return f"{field.metadata['help']} [default: {shown}]"
+
+
+def options_from_dataclass(command):
+    """One click option per TrainOptions field (default None = not given, so the YAML config can set it)."""
+    for name, field in reversed(FIELDS.items()):
+        flag = "--" + name.replace("_", "-")
+        base, _ = field_type(name)
+        if base is bool:
+            command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_flag_help(field))(command)
+        else:
+            kind = click.Choice(field.metadata["choices"]) if "choices" in field.metadata else base
+            command = click.option(flag, name, type=kind, default=None, help=_flag_help(field))(command)
+    return command
+
+
+@cli.command(context_settings={"show_default": False})
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="A recipe YAML (recipes/*.yaml): option names as keys.")
+@click.option("--lora", "lora", is_flag=True, help="Shortcut for --trainable lora.")
+@click.option("--full", "full", is_flag=True, help="Shortcut for --trainable full.")
+@options_from_dataclass
+def train(overrides, config, lora, full, **flags) -> None:
+    """Train an MoE++ checkpoint toward a compute budget (routers + constant experts by default).
+
+    Precedence: defaults < --config YAML < flags < KEY=VALUE overrides. Launch on several processes or GPUs
+    with `accelerate launch recipes/continued_training.py ...` (see recipes/*.yaml).
+    """
+    from .training import build_options, run_training
+
+    if lora and full:
+        raise UpcycleError("choose one of --lora and --full")
+    if lora or full:
+        flags["trainable"] = "lora" if lora else "full"
+    options = build_options(config, flags, overrides)
+    report = run_training(options, command=_command_line())
+    heldout = report.heldout
+    if not report.is_main_process:
+        return
+    click.echo(f"trained {report.steps} steps ({report.trainable['trainable_set']} set, "
+               f"{report.trainable['trainable_parameters']:,} trainable parameters); held-out perplexity "
+               f"{heldout['perplexity']:.3f}, {heldout['ffn_experts_per_token']:.3f} FFN experts per token; "
+               f"wrote {report.output}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private; an existing public repo is refused.")
+@click.option("--revision", default=None, help="Branch to push to (created from main when missing).")
+@click.option("--commit-message", default=None, help="Commit title (default: 'Upload MoE++ checkpoint with upcycle').")
+@click.option("--base-model", default=None,
+              help="The source's Hub id for the card's base_model (default: from the card or the provenance).")
+@click.option("--exclude", multiple=True, help="Glob of files not to upload; repeat for more.")
+@click.option("--dry-run", is_flag=True, help="Print the files, their sizes and the card; no network, no token.")
+def push(checkpoint, repo_id, private, revision, commit_message, base_model, exclude, dry_run) -> None:
+    """Publish CHECKPOINT to the Hugging Face Hub as REPO_ID, with a refreshed model card.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+    """
+    from .publish.push import PushOptions, format_plan, plan_push
+    from .publish.push import push as run_push
+
+    options = PushOptions(private=private, revision=revision, commit_message=commit_message, base_model=base_model,
+                          exclude=list(exclude))
+    plan = plan_push(checkpoint, repo_id, options)
+    if dry_run:
+        click.echo(format_plan(plan))
+        return
+    report = run_push(plan)
+    click.echo(f"pushed {report.files} files ({report.total_bytes:,} bytes) to {report.url}")
 
 
 def main() -> None:

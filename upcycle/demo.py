@@ -13,19 +13,19 @@ from pathlib import Path
 
 import torch
 
-from .baselines import BASELINES, fit_knob, variable_k_routing
 from .budget.calibrate import CalibrateOptions, calibrate
+from .checkpoint.loading import load_causal_lm
 from .checkpoint.output_dir import atomic_output_dir
-from .corpus import write_corpus
-from .data import load_checkpoint_tokenizer, load_token_blocks
+from .data.blocks import load_checkpoint_tokenizer, load_token_blocks
+from .data.corpus import write_corpus
 from .errors import UpcycleError
-from .evaluate import evaluate_model
-from .plots import write_eval_plots, write_quality_vs_compute
+from .evaluation.baselines import BASELINES, fit_knob, variable_k_routing
+from .evaluation.evaluate import evaluate_model
+from .evaluation.plots import write_eval_plots, write_quality_vs_compute
+from .evaluation.token_kinds import ffn_experts_by_token_kind
 from .surgery.convert import ConvertOptions, convert
-from .token_kinds import ffn_experts_by_token_kind
 from .training.options import TrainOptions
 from .training.recipe import run_training
-from .verify import load_causal_lm
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_MARKER = "results.json"
@@ -173,7 +173,7 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
 
 
 def write_token_kind_plot(kinds: dict, path: Path) -> Path:
-    from .plots import _pyplot
+    from .evaluation.plots import _pyplot
 
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(4.5, 3.2))

@@ -26,11 +26,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.loading import load_causal_lm
+from ..checkpoint.model_card import write_model_card
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path
+from ..checkpoint.provenance import read_provenance, write_provenance
 from ..checkpoint.source import read_config, read_weight_map
+from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from ..errors import UpcycleError
+from ..evaluation.evaluate import evaluate_model
 from ..modeling.moepp_layer import select_experts
-from ..provenance import read_provenance, write_provenance
 
 DEFAULT_PRIORITY = ("zero", "constant", "copy")
 BISECTION_STEPS = 60
@@ -238,10 +242,6 @@ def write_calibrated_checkpoint(checkpoint: Path, partial: Path, biases: dict[st
 def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptions,
               command: str = "") -> CalibrationReport:
     """Validate, calibrate on the data's train blocks, measure on its held-out blocks, write OUTPUT atomically."""
-    from ..data import load_checkpoint_tokenizer, load_token_blocks
-    from ..evaluate import evaluate_model
-    from ..verify import load_causal_lm
-
     checkpoint, output = Path(checkpoint), Path(output)
     config = read_config(checkpoint)
     if "n_zero_experts" not in config:
@@ -290,6 +290,4 @@ def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptio
 
 def _refresh_model_card(folder: Path, name: str) -> None:
     """Rebuild README.md from the folder's files (the card lists every step of upcycle.json's history)."""
-    from ..model_card import write_model_card
-
     write_model_card(folder, name=name)

@@ -4,12 +4,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint.float_bytes import all_equal
-from .checkpoint.safetensors_header import read_tensor_bytes
-from .checkpoint.source import SourceCheckpoint, open_source
-from .converters import FAMILIES, FamilySpec, family_for_config
+from ..converters import family_for_config, moepp_family
+from .float_bytes import all_equal
 from .provenance import read_provenance
-from .surgery.new_tensors import count_parameters
+from .safetensors_header import read_tensor_bytes
+from .source import SourceCheckpoint, open_source
 
 ADDED_MARKERS = ("gate.zero_computation_weight", "gate.residual_weight", "gate.selection_bias",
                  "zero_computation_experts.")
@@ -35,8 +34,12 @@ class CheckpointSummary:
         return asdict(self)
 
 
-def _moepp_spec(config: dict) -> FamilySpec | None:
-    return next((spec for spec in FAMILIES if spec.moepp_model_type == config.get("model_type")), None)
+BUFFER_SUFFIXES = ("gate.selection_bias", "gate.e_score_correction_bias")  # saved buffers, not parameters
+
+
+def count_parameters(numels: dict[str, int]) -> int:
+    """Parameters among named tensors (tensor name -> element count), leaving out saved buffers."""
+    return sum(numel for name, numel in numels.items() if not name.endswith(BUFFER_SUFFIXES))
 
 
 def _is_expert_tensor(name: str) -> bool:
@@ -64,7 +67,7 @@ def current_budget(source: SourceCheckpoint, top_k: int, provenance: dict | None
 def inspect_checkpoint(path: Path) -> CheckpointSummary:
     source = open_source(Path(path))
     config = source.config
-    moepp_spec = _moepp_spec(config)
+    moepp_spec = moepp_family(config)
     spec = moepp_spec or family_for_config(config)
     n_ffn, top_k = spec.n_experts(config), spec.top_k(config)
     moe_layers = spec.moe_layer_indices(config)

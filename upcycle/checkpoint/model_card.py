@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub.repocard_data import ModelCardData  # light: not huggingface_hub's Hub client
 
-from .checkpoint.source_id import is_repo_id
-from .inspect_checkpoint import CheckpointSummary, inspect_checkpoint
+from .inspect import CheckpointSummary, inspect_checkpoint
 from .provenance import read_provenance
+from .source_id import is_repo_id
 
 CARD_FILE = "README.md"
 PLOTS_DIR = "plots"

@@ -19,7 +19,7 @@ def read_provenance(checkpoint: Path) -> dict | None:
 
 
 def conversion_record(source: str, source_files: dict[str, str], options: dict, command: str) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {
         "tool": "upcycle",

@@ -26,7 +26,7 @@ def resolve_source(source: str | Path, revision: str | None = None) -> ResolvedS
     local = local_source(source, revision)
     if local is not None:
         return local
-    from .hub_source import download_source
+    from .hub_download import download_source
 
     return download_source(str(source), revision)
 

@@ -32,15 +32,19 @@ def family_for_config(config: dict) -> FamilySpec:
     raise UpcycleError(f"unsupported model family {shown!r}; supported families: {supported_families()}")
 
 
+def moepp_family(config: dict) -> FamilySpec | None:
+    """The family of an MoE++ checkpoint written by upcycle, from its model_type; None for any other config."""
+    return next((spec for spec in FAMILIES if spec.moepp_model_type == config.get("model_type")), None)
+
+
 def family_for_moepp_config(config: dict) -> FamilySpec:
-    """The family of an MoE++ checkpoint written by upcycle, from its model_type."""
-    for spec in FAMILIES:
-        if config.get("model_type") == spec.moepp_model_type:
-            return spec
+    """The family of an MoE++ checkpoint written by upcycle; any other config is an error."""
+    if (spec := moepp_family(config)) is not None:
+        return spec
     raise UpcycleError(
         f"not an MoE++ checkpoint written by upcycle (model_type {config.get('model_type')!r})"
     )
 
 
 __all__ = ["FAMILIES", "ExpertKeyLayout", "FamilySpec", "family_for_config", "family_for_moepp_config",
-           "supported_families"]
+           "moepp_family", "supported_families"]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UpcycleError
 from .corpus import stable_fraction
-from .errors import UpcycleError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 DOCUMENT_BREAK = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines

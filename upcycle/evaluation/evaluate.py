@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UpcycleError
+from ..checkpoint.loading import load_causal_lm
+from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
+from ..errors import UpcycleError
 
 ZERO_COMPUTATION_TYPES = ("zero", "copy", "constant")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -238,8 +240,6 @@ class EvalOptions:
 def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
                         options: EvalOptions | None = None) -> EvalReport:
     """Load CHECKPOINT (and SOURCE), tokenize DATA with CHECKPOINT's tokenizer, evaluate on its held-out blocks."""
-    from .data import load_checkpoint_tokenizer, load_token_blocks
-    from .verify import load_causal_lm
 
     options = options or EvalOptions()
     if options.block_size < 2 or options.batch_size < 1:

@@ -1,20 +1,18 @@
 """Plots of an evaluation (per-layer routing) and of quality against compute (several evaluations).
 
-matplotlib is optional (`pip install 'upcycle[plots]'`); it draws off-screen (Agg) and writes PNG files.
+matplotlib (a dependency, imported on first use) draws off-screen (Agg) and writes PNG files.
 """
 
 from pathlib import Path
 
-from .errors import UpcycleError
+from ..errors import UpcycleError
 
 SLOT_COLOURS = {"ffn": "#4c72b0", "zero": "#dd8452", "copy": "#55a868", "constant": "#c44e52"}
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise UpcycleError("plots need matplotlib: pip install 'upcycle[plots]'") from error
+    import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -24,9 +24,9 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
-from .errors import UpcycleError
-from .model_card import CARD_FILE, build_model_card
-from .provenance import PROVENANCE_FILE, read_provenance
+from ..checkpoint.model_card import CARD_FILE, build_model_card
+from ..checkpoint.provenance import PROVENANCE_FILE, read_provenance
+from ..errors import UpcycleError
 
 try:  # huggingface_hub >= 2 talks HTTP through httpx2, 1.x through httpx
     import httpx2 as _http

@@ -19,20 +19,21 @@ from pathlib import Path
 
 from ..checkpoint.dtypes import QUANTIZED, output_dtype, target_dtype
 from ..checkpoint.hashing import COMPUTED, check_against_hub_cache, sources_sha256
+from ..checkpoint.inspect import count_parameters
 from ..checkpoint.linking import LINK_MODES, link_file
+from ..checkpoint.model_card import write_model_card
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path, copy_in_kernel, copy_with_sha256
+from ..checkpoint.provenance import conversion_record, write_provenance
 from ..checkpoint.safetensors_header import DTYPE_BYTES, TensorInfo
 from ..checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from ..checkpoint.source import INDEX_FILE, PICKLE, SourceCheckpoint, open_source
 from ..checkpoint.source_id import resolve_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
-from ..model_card import write_model_card
 from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
 from ..modeling.moepp_fields import ZERO_EXPERT_SEMANTICS
-from ..provenance import conversion_record, write_provenance
 from .moepp_config import moepp_config
-from .new_tensors import NewTensor, count_parameters, new_tensor_specs
+from .new_tensors import NewTensor, new_tensor_specs
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
 
 PARALLEL_SHARDS = 2  # unchanged shards copied at once: 2 measured best on a 2-core machine (bench/RESULTS.md)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from ..checkpoint.float_bytes import FLOAT_DTYPES, filled_bytes
 from .plan import ConversionPlan
 
-BUFFER_SUFFIXES = ("gate.selection_bias", "gate.e_score_correction_bias")  # saved buffers, not parameters
-
 
 @dataclass(frozen=True)
 class NewTensor:
@@ -25,11 +23,6 @@ class NewTensor:
 
     def to_bytes(self) -> bytes:
         return filled_bytes(self.fill, self.dtype, self.numel)
-
-
-def count_parameters(numels: dict[str, int]) -> int:
-    """Parameters among named tensors (tensor name -> element count), leaving out saved buffers."""
-    return sum(numel for name, numel in numels.items() if not name.endswith(BUFFER_SUFFIXES))
 
 
 def new_tensor_specs(plan: ConversionPlan, gating_residual: bool, dtype: str | None = None) -> dict[str, NewTensor]:

@@ -4,13 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoModelForCausalLM
 
-from .auto_classes import register_auto_classes
-from .checkpoint.source import read_config
-from .converters import FAMILIES
-from .errors import UpcycleError
+from ..checkpoint.loading import load_causal_lm
+from ..errors import UpcycleError
 
 
 @dataclass
@@ -23,27 +19,6 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         return self.max_logit_difference <= self.tolerance and self.greedy_generation_equal
-
-
-def own_source_class(config: dict):
-    """The project's own class for a source family transformers lacks (OpenMoE: model_type "llama"), else None."""
-    architectures = config.get("architectures") or []
-    for spec in FAMILIES:
-        if spec.source_class_loader is not None and architectures and architectures[0] in spec.architectures:
-            return spec.source_model_class()
-    return None
-
-
-def load_causal_lm(path: Path, remote_code: bool = False):
-    """Load a checkpoint in float32 on the CPU, turning any loading failure into one sentence."""
-    register_auto_classes()
-    model_class = own_source_class(read_config(Path(path))) or AutoModelForCausalLM
-    try:
-        model = model_class.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote_code)
-    except (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UpcycleError(f"cannot load {path}: {first_line}") from error
-    return model.eval()
 
 
 def probe_tokens(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint.model_card import write_model_card
 from ..checkpoint.output_dir import atomic_output_dir
+from ..checkpoint.provenance import read_provenance, write_provenance
 from ..checkpoint.source import TOKENIZER_AND_GENERATION_FILES
 from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
-from ..provenance import read_provenance, write_provenance
 from .trainable import merge_for_save
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +74,4 @@ def write_trained_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tenso
 
 def write_card(folder: Path, name: str) -> None:
     """The model card, built by upcycle.model_card from the folder's files (the input's card gives metadata)."""
-    from ..model_card import write_model_card
-
     write_model_card(folder, name=name)

@@ -22,7 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from ..budget.controller import BudgetController
+from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
+from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from ..errors import UpcycleError
 from . import checkpointing
 from .data_order import BlockOrder
@@ -93,7 +95,6 @@ def check_distributed_support(options: TrainOptions, distributed_type: str) -> N
 
 
 def load_model(options: TrainOptions):
-    from ..verify import load_causal_lm
 
     model = load_causal_lm(Path(options.model))
     if not hasattr(model, "moe_blocks"):
@@ -117,7 +118,6 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     check_distributed_support(options, accelerator.distributed_type.name)
 
     # Data: the checkpoint's tokenizer, packed blocks, held-out split
-    from ..data import load_checkpoint_tokenizer, load_token_blocks
 
     tokenizer = load_checkpoint_tokenizer(options.model)
     blocks = load_token_blocks(options.data, tokenizer, options.block_size, seed=options.seed,

@@ -47,10 +47,7 @@ def is_ffn_expert(name: str) -> bool:
 
 def wrap_with_lora(model: nn.Module, options: TrainOptions) -> nn.Module:
     """Add LoRA adapters to attention and FFN experts (peft); routers and constant experts stay trainable."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise UpcycleError("--lora needs peft: pip install 'upcycle[lora]' (or pip install peft)") from error
+    from peft import LoraConfig, get_peft_model  # a dependency, imported only for --lora
     config = LoraConfig(
         r=options.lora_rank,
         lora_alpha=options.lora_alpha,
