@@ -1,7 +1,6 @@
 """Serve checkpoints with vLLM (the plugin, through its entry point) and compare with transformers' reference.
 
-Runs in the vLLM venv, one engine per checkpoint, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the
-plugin's FFN-row counters are readable here). Prints one JSON object per checkpoint:
+Runs in the vLLM venv, one engine per checkpoint, in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Prints one JSON object per checkpoint:
 
     python vllm_plugin/tests/vllm_check.py REFERENCE_DIR NAME [NAME ...] [--dtype float32]
 
@@ -11,6 +10,7 @@ counters reset, giving vLLM's FFN rows per token (FFN experts per token actually
 """
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 def check(reference_dir: str, name: str, dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
-    import upcycle_vllm.layer
+    from upcycle_vllm.layer import ffn_row_counts
 
     reference = json.load(open(os.path.join(reference_dir, "reference.json")))[name]
     prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in reference["prompts"]]
@@ -38,9 +38,9 @@ def check(reference_dir: str, name: str, dtype: str) -> dict:
         token_ids = list(completion.token_ids)
         generations.append({"token_ids": token_ids,
                             "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, token_ids)]})
-    upcycle_vllm.layer.stats(reset=True)
+    llm.apply_model(functools.partial(ffn_row_counts, reset=True))
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
-    layers = upcycle_vllm.layer.stats(reset=True)
+    layers = llm.apply_model(functools.partial(ffn_row_counts, reset=True))[0]
     del llm
     gc.collect()
     return {"name": name, "generations": generations, "layers": layers}

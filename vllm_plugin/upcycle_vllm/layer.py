@@ -5,7 +5,6 @@ The math is upcycle's (docs/layer-math.md; reference: upcycle/modeling/moepp_lay
 D hidden size, N FFN experts, Z zero-computation experts (expert order FFN 0..N-1, zero, copy, constant), k slots.
 """
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +13,6 @@ from torch import nn
 
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 from vllm.model_executor.utils import set_weight_attrs
-
-# Every MoE++ block built in this process, for FFN-row accounting (stats()).
-_BLOCKS: "weakref.WeakValueDictionary[str, MoePPSparseBlock]" = weakref.WeakValueDictionary()
-
 
 @dataclass(frozen=True)
 class ExpertLayout:
@@ -176,7 +171,6 @@ class MoePPSparseBlock(nn.Module):
         # FFN-row accounting: tokens seen and (token, slot) rows the FFN kernel processed.
         self.tokens = 0
         self.ffn_rows = 0
-        _BLOCKS[prefix] = self
 
     def _route(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool):
         """FusedMoE's routing: the MoE++ routing computed in forward() when there is one, else the source's
@@ -223,12 +217,15 @@ class MoePPSparseBlock(nn.Module):
         return output.index_add_(0, token_rows, routed.to(output.dtype)), logits
 
 
-def stats(reset: bool = False) -> dict[str, dict[str, int]]:
-    """FFN-row accounting of every MoE++ block in this process: {layer prefix: {"tokens", "ffn_rows"}}."""
+def ffn_row_counts(model: nn.Module, reset: bool = False) -> dict[str, dict[str, int]]:
+    """FFN-row accounting of a model's MoE++ blocks: {module name: {"tokens": T seen, "ffn_rows": rows the FFN
+    kernels processed}}; empty for a model without MoE++ blocks. Use it through vLLM:
+    `llm.apply_model(functools.partial(ffn_row_counts, reset=True))[0]`."""
     result = {}
-    for prefix, block in sorted(_BLOCKS.items()):
-        result[prefix] = {"tokens": block.tokens, "ffn_rows": block.ffn_rows}
-        if reset:
-            block.tokens = 0
-            block.ffn_rows = 0
+    for name, module in model.named_modules():
+        if isinstance(module, MoePPSparseBlock):
+            result[name] = {"tokens": module.tokens, "ffn_rows": module.ffn_rows}
+            if reset:
+                module.tokens = 0
+                module.ffn_rows = 0
     return result
