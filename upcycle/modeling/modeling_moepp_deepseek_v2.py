@@ -48,24 +48,25 @@ class MoePPDeepseekV2Router(MoePPRouter):
             layout, config.hidden_size, config.num_experts_per_tok, has_residual,
             renormalize=False,  # DeepseekV2TopkRouter never renormalises (its norm_topk_prob is unused)
             zero_expert_semantics=config.zero_expert_semantics,
+            zero_computation_denominator=config.zero_computation_denominator,
             scaling_factor=config.routed_scaling_factor,
             logits_in_float32=True,
         )
         self.group_limited = config.topk_method == "group_limited_greedy"
         self.n_group, self.topk_group = config.n_group, config.topk_group
 
-    def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(T, N+Z) -> (T, k). Group-limited: a group's score is its best expert's probability, which ranks as
-        its best logit does, so groups and experts are chosen on logits (+ selection bias for zero-computation)."""
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z) in router-logit units. Group-limited: a group's score is its best expert's
+        probability, which ranks as its best logit does, so groups and experts are chosen on logits; FFN experts
+        outside the best groups get -inf. Zero-computation experts sit outside every group."""
+        logits = logits.float()
         if not self.group_limited:
-            return super().select_experts(logits, selection_bias)
+            return logits
         n_ffn = self.layout.n_ffn
         ffn_logits = logits[:, :n_ffn]  # (T, N)
         group_scores = ffn_logits.reshape(logits.shape[0], self.n_group, n_ffn // self.n_group).amax(dim=-1)
         ffn_scores = limit_to_groups(ffn_logits, group_scores, self.topk_group)  # (T, N)
-        zero_computation_scores = logits[:, n_ffn:] + self._bias(selection_bias).to(logits.device).float()
-        scores = torch.cat([ffn_scores, zero_computation_scores], dim=-1)  # (T, N+Z)
-        return torch.topk(scores, self.top_k, dim=-1).indices
+        return torch.cat([ffn_scores, logits[:, n_ffn:]], dim=-1)  # (T, N+Z)
 
 
 class MoePPDeepseekV2Moe(MoePPBlockMixin, DeepseekV2Moe):
@@ -89,6 +90,7 @@ class MoePPDeepseekV2PreTrainedModel(MoePPPreTrainedMixin, DeepseekV2PreTrainedM
     config_class = MoePPDeepseekV2Config
     _no_split_modules = ["MoePPDeepseekV2DecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPDeepseekV2DecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPDeepseekV2DecoderLayer, index=0),
         "attentions": OutputRecorder(DeepseekV2Attention, index=1),
     }

@@ -69,17 +69,17 @@ class MoePPDeepseekV3Router(MoePPRouter):
         scores = logits.sigmoid().masked_fill(~switched_on, 0.0)
         return scores / scores.sum(dim=-1, keepdim=True)
 
-    def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(T, N+Z) -> (T, k): top-k of the biased scores, FFN experts limited to the best groups."""
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z) in sigmoid-score units: FFN experts' sigmoid scores plus the correction bias,
+        limited to the best groups (-inf elsewhere); zero-computation experts' sigmoid scores, outside every group.
+        A selection bias is therefore in sigmoid-score units (scores lie in (0, 1))."""
         n_ffn = self.layout.n_ffn
-        scores = logits.sigmoid()  # (T, N+Z)
+        scores = logits.float().sigmoid()  # (T, N+Z)
         ffn_scores = scores[:, :n_ffn] + self.e_score_correction_bias.float()  # (T, N)
         grouped = ffn_scores.reshape(logits.shape[0], self.n_group, n_ffn // self.n_group)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
         ffn_scores = limit_to_groups(ffn_scores, group_scores, self.topk_group)
-        zero_computation_scores = scores[:, n_ffn:] + self._bias(selection_bias).to(logits.device).float()
-        choice = torch.cat([ffn_scores, zero_computation_scores], dim=-1)  # (T, N+Z)
-        return torch.topk(choice, self.top_k, dim=-1).indices
+        return torch.cat([ffn_scores, scores[:, n_ffn:]], dim=-1)  # (T, N+Z)
 
     def top_k_weights(self, logits: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """(T, N+Z), (T, k) -> (T, k): unbiased sigmoid scores, Zero semantics, renormalisation, scaling."""
@@ -111,6 +111,7 @@ class MoePPDeepseekV3PreTrainedModel(MoePPPreTrainedMixin, DeepseekV3PreTrainedM
     config_class = MoePPDeepseekV3Config
     _no_split_modules = ["MoePPDeepseekV3DecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPDeepseekV3DecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPDeepseekV3DecoderLayer, index=0),
         "attentions": OutputRecorder(DeepseekV3Attention, index=1),
     }

@@ -55,13 +55,17 @@ class MoePPRouter(nn.Module):
     normalisation and scaling factor follow. Families with other routing subclass it and override
     `routing_probabilities`, `select_experts` or `top_k_weights`; statistics and the balance loss call the same
     methods, so every consumer reads one definition of the family's routing.
+
+    `zero_computation_denominator` (families that do not renormalise; see `ffn_only_denominator`): "switched_on",
+    one softmax over every switched-on expert, or "ffn_only", FFN weights from the softmax over FFN experts only.
     """
 
     def __init__(self, layout: ExpertLayout, hidden_size: int, top_k: int, has_residual: bool,
                  renormalize: bool, zero_expert_semantics: str, scaling_factor: float = 1.0,
-                 logits_in_float32: bool = False):
+                 logits_in_float32: bool = False, zero_computation_denominator: str = "switched_on"):
         super().__init__()
         self.layout = layout
+        self.zero_computation_denominator = zero_computation_denominator
         self.top_k = top_k
         self.renormalize = renormalize  # the family renormalises its top-k weights to sum to 1
         self.zero_expert_semantics = zero_expert_semantics
@@ -95,13 +99,28 @@ class MoePPRouter(nn.Module):
         """(T, N+Z) -> (T, N+Z): the family's router probabilities (softmax over switched-on experts)."""
         return routing_probabilities(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn)
 
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z) fp32: what selection ranks before the selection bias is added, in the bias's units.
+
+        Softmax routers rank logits, so a selection bias is in router-logit units. Families override this where
+        selection ranks something else (DeepSeek-V3: sigmoid scores plus its correction bias) or excludes experts
+        (group-limited DeepSeek: -inf outside the best groups). Calibration and the budget controller read the
+        bias's scale from here, so every consumer sets biases in the units this router adds them in.
+        """
+        return logits.float()
+
     def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one)."""
-        return select_experts(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn, self.top_k)
+        scores = self.selection_scores(logits)  # (T, N+Z)
+        bias = self._bias(selection_bias).to(scores.device).float()  # (Z,)
+        return torch.topk(scores + torch.cat([bias.new_zeros(self.layout.n_ffn), bias]), self.top_k, dim=-1).indices
 
     def top_k_weights(self, logits: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """(T, N+Z), (T, k) -> (T, k): gathered probabilities, Zero semantics, family normalisation, scaling."""
-        weights = self.routing_probabilities(logits).gather(-1, top_k_index)  # (T, k)
+        probabilities = self.routing_probabilities(logits)  # (T, N+Z)
+        if self.zero_computation_denominator == "ffn_only" and not self.renormalize:
+            probabilities = ffn_only_denominator(logits, probabilities, self.layout.n_ffn)
+        weights = probabilities.gather(-1, top_k_index)  # (T, k)
         weights = normalize_top_k_weights(
             weights, top_k_index, self.layout, self.renormalize, self.zero_expert_semantics
         )
@@ -130,6 +149,18 @@ def routing_probabilities(logits: torch.Tensor, selection_bias: torch.Tensor, n_
     mask = torch.zeros(logits.shape[-1], device=logits.device).masked_fill(
         ~switched_on_mask(selection_bias, n_ffn), float("-inf"))  # (N+Z,)
     return torch.softmax(logits + mask, dim=-1)
+
+
+def ffn_only_denominator(logits: torch.Tensor, probabilities: torch.Tensor, n_ffn: int) -> torch.Tensor:
+    """The "ffn_only" denominator: FFN experts' probabilities from the softmax over the FFN logits alone.
+
+    logits (T, N+Z), probabilities (T, N+Z) from `routing_probabilities` -> (T, N+Z): the first N columns are
+    softmax(logits[:, :N]), the source family's own probabilities whatever is switched on; zero-computation
+    columns keep their share of the softmax over every switched-on expert. A family that does not renormalise
+    its top-k weights then gives a token that keeps all its FFN experts exactly the source's weights, instead of
+    shrinking them by the mass the switched-on zero-computation experts add to the denominator.
+    """
+    return torch.cat([torch.softmax(logits[:, :n_ffn], dim=-1), probabilities[:, n_ffn:]], dim=-1)
 
 
 def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
@@ -231,9 +262,13 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     router_logits: one (T, N+Z) tensor per MoE layer; token_mask (T,) of 1 for real tokens, or None.
     routers: the MoE layers' routers; when given, selection and probabilities are the family's own
     (`MoePPRouter.select_experts`, `routing_probabilities`), else the softmax router's.
-    Returns tensors of shape (L,) per statistic, and `balance_loss` (scalar, mean over layers):
-    L_b = (N+Z) * sum_i eta_i f_i P_i, eta_i = 1 for FFN experts and tau for zero-computation experts,
-    f_i = share of routed slots that chose expert i, P_i = mean router probability of expert i.
+    Returns tensors of shape (L,) per statistic, and `balance_loss` (scalar), transformers' load-balancing loss
+    (`load_balancing_loss_func` of Mixtral, Qwen-MoE, OLMoE) made heterogeneous:
+    L_b = N_on * sum_i eta_i F_i P_i, eta_i = 1 for FFN experts and tau for zero-computation experts,
+    F_i = share of tokens that chose expert i and P_i = mean router probability of expert i, both over the real
+    tokens of all MoE layers together (as transformers pools them; F sums to k), N_on = the experts that are
+    switched on (FFN experts and the zero-computation experts whose selection bias is finite in some layer).
+    At conversion (every bias -inf) this is exactly the source family's aux loss.
     """
     eta = torch.cat([torch.ones(layout.n_ffn), torch.full((layout.n_zero_computation,), balance_tau)])
     kinds = {
@@ -244,9 +279,12 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     }
     per_layer: dict[str, list[torch.Tensor]] = {f"{kind}_share": [] for kind in kinds}
     per_layer["ffn_experts_per_token"] = []
-    per_layer["balance_loss"] = []
     per_layer["expert_share"] = []
     routers = routers if routers is not None else [None] * len(router_logits)
+    slot_total = torch.zeros(layout.n_total)  # (N+Z,) routed slots per expert, real tokens of all layers
+    probability_total = torch.zeros(layout.n_total)  # (N+Z,) summed router probabilities, likewise
+    token_total = torch.zeros(())
+    switched_on = torch.zeros(layout.n_total, dtype=torch.bool)  # (N+Z,) switched on in some layer
     for logits, bias, router in zip(router_logits, selection_biases, routers):
         logits = logits.float()
         bias = bias.to(logits.device)
@@ -259,14 +297,20 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
             index = router.select_experts(logits, bias)
             probabilities = router.routing_probabilities(logits, bias)
         slot_counts = F.one_hot(index, layout.n_total).float().sum(dim=1)  # (T, N+Z)
-        expert_share = (slot_counts * mask[:, None]).sum(dim=0) / (n_tokens * top_k)  # (N+Z,) f_i, sums to 1
-        mean_probability = (probabilities * mask[:, None]).sum(dim=0) / n_tokens  # (N+Z,)
-        weighted = eta.to(logits.device) * expert_share * mean_probability
-        per_layer["balance_loss"].append(layout.n_total * weighted.sum())
+        layer_slots = (slot_counts * mask[:, None]).sum(dim=0)  # (N+Z,)
+        expert_share = layer_slots / (n_tokens * top_k)  # (N+Z,) f_i, sums to 1
+        slot_total = slot_total.to(logits.device) + layer_slots
+        probability_total = probability_total.to(logits.device) + (probabilities * mask[:, None]).sum(dim=0)
+        token_total = token_total.to(logits.device) + mask.sum()
+        switched_on = switched_on.to(logits.device) | switched_on_mask(bias, layout.n_ffn)
         per_layer["expert_share"].append(expert_share)
         for kind, (start, end) in kinds.items():
             per_layer[f"{kind}_share"].append(expert_share[start:end].sum())
         per_layer["ffn_experts_per_token"].append(per_layer["ffn_share"][-1] * top_k)
     stats = {name: torch.stack(values) for name, values in per_layer.items()}
-    stats["balance_loss"] = stats["balance_loss"].mean()
+    token_total = token_total.clamp_min(1.0)
+    token_share = slot_total / token_total  # (N+Z,) F_i, sums to k
+    mean_probability = probability_total / token_total  # (N+Z,) P_i
+    weighted = eta.to(token_share.device) * token_share * mean_probability
+    stats["balance_loss"] = switched_on.sum() * weighted.sum()
     return stats
