@@ -151,16 +151,18 @@ def main() -> None:
         prepare(args.out, args.prompt_tokens, n_prompts=64)
         return
     results = run(args.out, args.rounds, args.batch, args.new_tokens, args.dtype)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{'model':<12} {'tok/s':>8} {'TPOT ms':>8} {'FFN rows/tok':>12} {'FFN share':>9} "
           f"{'vs source':>9} {'saving':>7} {'ideal':>7} {'ach/ideal':>9}")
     for arm, r in results.items():
-        extra = ("" if arm == "source" else
-                 f" {r['throughput_vs_source']:>9.3f} {r['achieved_time_saving']:>7.1%} {r['ideal_time_saving']:>7.1%}"
-                 f" {r['achieved_over_ideal'] if r['achieved_over_ideal'] is None else format(r['achieved_over_ideal'], '.2f'):>9}")
-        print(f"{arm:<12} {r['output_tokens_per_s']:>8.1f} {r['time_per_output_token_ms']:>8.2f} "
-              f"{r['ffn_rows_per_token']:>12.3f} {r['ffn_share']:>9.1%}{extra}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        line = (f"{arm:<12} {r['output_tokens_per_s']:>8.1f} {r['time_per_output_token_ms']:>8.2f} "
+                f"{r['ffn_rows_per_token']:>12.3f} {r['ffn_share']:>9.1%}")
+        if arm != "source":
+            ratio = "-" if r["achieved_over_ideal"] is None else f"{r['achieved_over_ideal']:.2f}"
+            line += (f" {r['throughput_vs_source']:>9.3f} {r['achieved_time_saving']:>7.1%}"
+                     f" {r['ideal_time_saving']:>7.1%} {ratio:>9}")
+        print(line)
 
 
 if __name__ == "__main__":

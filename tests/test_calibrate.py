@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from upcycle.budget.calibrate import bisect_offset, ffn_experts_per_token, relative_biases
 from upcycle.data.blocks import load_token_blocks
-from upcycle.modeling.moepp_layer import ExpertLayout
+from upcycle.modeling.moepp_layer import ExpertLayout, MoePPRouter
 
 # 6k calibration tokens; about 10k held-out tokens (a quarter of the documents among the first 50k tokens)
 DATA_ARGS = ("--block-size", "64", "--max-tokens", "50000", "--heldout-fraction", "0.25", "--batches", "12",
@@ -117,19 +117,21 @@ def test_recalibrating_keeps_the_relative_biases(tmp_path, calibrated, text_corp
 def test_bisection_reaches_a_target_on_random_logits():
     torch.manual_seed(0)
     layout = ExpertLayout(n_ffn=8, n_zero=1, n_copy=1, n_constant=2)
+    router = MoePPRouter(layout, hidden_size=4, top_k=2, has_residual=False, renormalize=True,
+                         zero_expert_semantics="drop_and_renormalize")
     logits = torch.randn(4000, layout.n_total)
     relative = relative_biases(torch.full((4,), float("-inf")), layout, logits[:, :8], ("zero", "constant", "copy"))
     previous = 2.0
     for target in (1.9, 1.5, 1.0, 0.6, 0.0):
-        _, bias, reached = bisect_offset(logits, relative, 8, 2, target, torch.float32)
+        _, bias, reached = bisect_offset(router, logits, relative, target, torch.float32)
         assert abs(reached - target) < 2e-3  # one token is 1/4000 = 2.5e-4
-        assert ffn_experts_per_token(logits, bias, 8, 2) == reached <= previous
+        assert ffn_experts_per_token(router, logits, bias) == reached <= previous
         previous = reached
     # A partly switched-off layer keeps its -inf expert off and the others' differences.
     current = torch.tensor([0.5, float("-inf"), -1.0, 0.0])
     relative = relative_biases(current, layout, logits[:, :8], ("zero", "constant", "copy"))
     assert torch.isneginf(relative[1]) and relative[0] - relative[2] == 1.5
-    _, bias, _ = bisect_offset(logits, relative, 8, 2, 1.2, torch.bfloat16)
+    _, bias, _ = bisect_offset(router, logits, relative, 1.2, torch.bfloat16)
     assert torch.isneginf(bias[1]) and torch.equal(bias, bias.to(torch.bfloat16).float())
 
 

@@ -69,13 +69,16 @@ def summary(report, label: str) -> dict:
             "zero_computation_share": report.zero_computation_share}
 
 
-def best_baseline(source, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> dict:
-    """The better training-free baseline at the target: dynamic skipping or top-p, knob fitted on calibration."""
+def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> dict:
+    """The better training-free baseline at the target: dynamic skipping or top-p, knob fitted on calibration.
+
+    `converted`: the MoE++ model straight from convert (it computes the source), whose routers run the rules.
+    """
     candidates = []
     for rule in BASELINES:
-        knob = fit_knob(source, calibration, rule, target)
-        with variable_k_routing(source, rule, knob) as counter:
-            report = evaluate_model(source, heldout)
+        knob = fit_knob(converted, calibration, rule, target)
+        with variable_k_routing(converted, rule, knob) as counter:
+            report = evaluate_model(converted, heldout)
         result = summary(report, "baseline") | {"ffn_experts_per_token": counter.ffn_experts_per_token,
                                                 "rule": rule, "knob": knob}
         candidates.append(result)
@@ -144,11 +147,12 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
         moepp = partial / "moepp"
         convert(DEMO_MODEL, moepp, ConvertOptions(), command="upcycle demo")
         progress("converted to MoE++ (function-preserving)")
+        converted = load_causal_lm(moepp)
 
         results = {"source": summary(source_report, "source"), "budgets": []}
         points = [results["source"]]
         for target in BUDGETS:
-            baseline = best_baseline(source, calibration, heldout, target)
+            baseline = best_baseline(converted, calibration, heldout, target)
             progress(f"budget {target:g}: baseline ({baseline['rule']}) perplexity {baseline['perplexity']:.2f}")
             budget = {"baseline": baseline} | run_budget(target, moepp, partial, data, heldout, source, options,
                                                          progress)

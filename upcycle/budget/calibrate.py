@@ -11,7 +11,8 @@ No training: only the saved selection biases change. How (docs/budget.md says wh
 - Relative split: a layer whose biases are finite (trained or calibrated before) keeps their differences, and
   a switched-off expert (-inf) stays off. A layer with every bias at -inf (fresh from `convert`) gets a ladder in
   priority order, Zero first, then Constant, then Copy: each next type sits a gap below the previous one, the gap
-  being the layer's whole router-logit range on the calibration tokens, so types fill one after another. Zero
+  being the layer's whole selection-score range (the router's `selection_scores`: router logits for softmax routers,
+  sigmoid scores for DeepSeek-V3) on the calibration tokens, so types fill one after another. Zero
   first because, untrained, it is the gentlest change: with Zero and one FFN expert selected, that expert gets
   weight 1 (the source's top-1). Tokens then go to zero FFN experts through Constant (0.5 x before training),
   then Copy (x).
@@ -31,10 +32,10 @@ from ..checkpoint.model_card import write_model_card
 from ..checkpoint.output_dir import atomic_output_dir, check_output_path
 from ..checkpoint.provenance import read_provenance, write_provenance
 from ..checkpoint.source import read_config, read_weight_map
+from ..converters import family_for_moepp_config
 from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from ..errors import UpcycleError
 from ..evaluation.evaluate import evaluate_model
-from ..modeling.moepp_layer import select_experts
 
 DEFAULT_PRIORITY = ("zero", "constant", "copy")
 BISECTION_STEPS = 60
@@ -85,44 +86,53 @@ def _type_of_slot(layout) -> list[str]:
     return ["zero"] * layout.n_zero + ["copy"] * layout.n_copy + ["constant"] * layout.n_constant
 
 
-def relative_biases(current: torch.Tensor, layout, logits: torch.Tensor, priority: tuple[str, ...]) -> torch.Tensor:
-    """(Z,) biases up to the offset: the current ones if any is finite, else the priority ladder (see module doc)."""
+def relative_biases(current: torch.Tensor, layout, ffn_scores: torch.Tensor, priority: tuple[str, ...]) -> torch.Tensor:
+    """(Z,) biases up to the offset: the current ones if any is finite, else the priority ladder (see module doc).
+
+    ffn_scores (T, N): the router's FFN selection scores (`selection_scores`, the selection bias's units).
+    """
     if not torch.isneginf(current).all():
         finite = current[torch.isfinite(current)]
         return current.float() - finite.max().float()
-    gap = float(logits.max() - logits.min()) + 1.0  # the layer's whole logit range: types fill one by one
+    finite_scores = ffn_scores[torch.isfinite(ffn_scores)]
+    gap = float(finite_scores.max() - finite_scores.min()) + 1.0  # the layer's whole score range: types fill in turn
     rank = {kind: position for position, kind in enumerate(priority)}
     return torch.tensor([-gap * rank[kind] for kind in _type_of_slot(layout)], dtype=torch.float32)
 
 
-def ffn_experts_per_token(logits: torch.Tensor, bias: torch.Tensor, n_ffn: int, top_k: int) -> float:
-    """Mean number of FFN experts among each token's top-k: logits (T, N+Z), bias (Z,)."""
-    index = select_experts(logits, bias, n_ffn, top_k)  # (T, k)
-    return (index < n_ffn).sum(dim=-1).float().mean().item()
+def ffn_experts_per_token(router, logits: torch.Tensor, bias: torch.Tensor) -> float:
+    """Mean number of FFN experts among each token's selection by `router`: logits (T, N+Z), bias (Z,)."""
+    index = router.select_experts(logits, bias)  # (T, k)
+    return (index < router.layout.n_ffn).sum(dim=-1).float().mean().item()
 
 
-def bisect_offset(logits: torch.Tensor, relative: torch.Tensor, n_ffn: int, top_k: int, target: float,
+def bisect_offset(router, logits: torch.Tensor, relative: torch.Tensor, target: float,
                   stored_dtype: torch.dtype) -> tuple[float, torch.Tensor, float]:
     """The offset whose (rounded) biases bring the layer's FFN experts per token closest to `target`.
 
+    The layer's own router selects (its family's rule: softmax top-k, DeepSeek's groups and sigmoid scores), and
+    the search range comes from its `selection_scores`, the units the bias is added in.
     Returns (offset, bias (Z,) float32, FFN experts per token reached on these logits).
     """
     logits = logits.float()
+    n_ffn = router.layout.n_ffn
+    scores = router.selection_scores(logits)  # (T, N+Z)
+    ffn_scores = scores[:, :n_ffn][torch.isfinite(scores[:, :n_ffn])]  # experts outside a token's groups: -inf
     enabled = torch.isfinite(relative)
 
     def biases(offset: float) -> torch.Tensor:
         return (relative + offset).to(stored_dtype).float()
 
-    zero_computation = logits[:, n_ffn:][:, enabled] + relative[enabled]  # (T, Z_on)
-    low = float(logits[:, :n_ffn].min() - zero_computation.max()) - 1.0  # no zero-computation expert wins
-    high = float(logits[:, :n_ffn].max() - zero_computation.min()) + 1.0  # every enabled one wins
-    value_low = ffn_experts_per_token(logits, biases(low), n_ffn, top_k)
-    value_high = ffn_experts_per_token(logits, biases(high), n_ffn, top_k)
+    zero_computation = scores[:, n_ffn:][:, enabled] + relative[enabled]  # (T, Z_on)
+    low = float(ffn_scores.min() - zero_computation.max()) - 1.0  # no zero-computation expert wins
+    high = float(ffn_scores.max() - zero_computation.min()) + 1.0  # every enabled one wins
+    value_low = ffn_experts_per_token(router, logits, biases(low))
+    value_high = ffn_experts_per_token(router, logits, biases(high))
     for _ in range(BISECTION_STEPS):  # invariant: value_low > target >= value_high (non-increasing in offset)
         if value_low <= target or value_high > target:
             break
         middle = (low + high) / 2
-        value = ffn_experts_per_token(logits, biases(middle), n_ffn, top_k)
+        value = ffn_experts_per_token(router, logits, biases(middle))
         if value > target:
             low, value_low = middle, value
         else:
@@ -157,13 +167,13 @@ def layer_router_logits(model, layer: int, batches: list[torch.Tensor]) -> torch
 def calibrate_model(model, batches: list[torch.Tensor], target: float, priority: tuple[str, ...] = DEFAULT_PRIORITY,
                     stored_dtype: torch.dtype = torch.float32) -> list[LayerCalibration]:
     """Set every MoE layer's selection biases in place, front to back, so each layer reaches `target`."""
-    top_k = model.config.num_experts_per_tok
     results = []
     for layer, block in enumerate(model.moe_blocks()):
         logits = layer_router_logits(model, layer, batches)  # (T, N+Z)
-        layout = block.layout
-        relative = relative_biases(block.gate.selection_bias, layout, logits[:, : layout.n_ffn], priority)
-        offset, bias, reached = bisect_offset(logits, relative, layout.n_ffn, top_k, target, stored_dtype)
+        router, layout = block.gate, block.layout
+        ffn_scores = router.selection_scores(logits)[:, : layout.n_ffn]  # (T, N), in the bias's units
+        relative = relative_biases(router.selection_bias, layout, ffn_scores, priority)
+        offset, bias, reached = bisect_offset(router, logits, relative, target, stored_dtype)
         block.gate.selection_bias.copy_(bias.to(block.gate.selection_bias.dtype))
         results.append(LayerCalibration(layer, offset, reached, bias.tolist()))
     return results
@@ -248,7 +258,7 @@ def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptio
         raise UpcycleError(f"{checkpoint} is not an MoE++ checkpoint (no zero-computation experts); "
                            "run upcycle convert first")
     n_zero_computation = sum(int(config.get(f"n_{kind}_experts", 0)) for kind in ("zero", "copy", "constant"))
-    options.validate(int(config["num_experts_per_tok"]), n_zero_computation)
+    options.validate(int(config[family_for_moepp_config(config).top_k_field]), n_zero_computation)
     check_output_path(output, options.overwrite, protected=(checkpoint,))
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     blocks = load_token_blocks(data, tokenizer, options.block_size, options.seed, options.heldout_fraction,

@@ -9,7 +9,9 @@ current target,
     bias_l += lr * spread_l * error_l        # every zero-computation expert of layer l moves together
 
 `spread_l` (the standard deviation over tokens of the bias at which each token first picks a zero-computation
-expert, measured once at the start) makes `lr` unit-free: router logits of different models differ in scale.
+expert, measured once at the start) makes `lr` unit-free: router scores of different models differ in scale, and
+families add the bias to different scores (the router's `selection_scores`: logits for softmax routers, sigmoid
+scores for DeepSeek-V3).
 The target ramps linearly from the source's top-k down to the goal over the first `ramp_fraction` of the steps,
 so the routers learn while tokens are moved gradually.
 
@@ -23,14 +25,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def first_pick_thresholds(router_logits: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
+def first_pick_thresholds(selection_scores: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
     """Per token, the uniform selection bias above which a zero-computation expert enters its top-k.
 
-    router_logits (T, N+Z) -> (T,): k-th best FFN logit minus the best zero-computation logit.
+    selection_scores (T, N+Z), the router's `selection_scores` (-inf for FFN experts a token may not pick) ->
+    (T,): k-th best FFN score minus the best zero-computation score.
     """
-    logits = router_logits.float()
-    kth_ffn = logits[:, :n_ffn].topk(min(top_k, n_ffn), dim=-1).values[:, -1]  # (T,)
-    best_zero_computation = logits[:, n_ffn:].max(dim=-1).values  # (T,)
+    scores = selection_scores.float()
+    kth_ffn = scores[:, :n_ffn].topk(min(top_k, n_ffn), dim=-1).values[:, -1]  # (T,)
+    best_zero_computation = scores[:, n_ffn:].max(dim=-1).values  # (T,)
     return kth_ffn - best_zero_computation
 
 
@@ -53,15 +56,15 @@ class BudgetController:
     def initialised(self) -> bool:
         return self.biases is not None
 
-    def initialise(self, router_logits: Sequence[torch.Tensor], current_biases: Sequence[torch.Tensor], n_ffn: int,
+    def initialise(self, selection_scores: Sequence[torch.Tensor], current_biases: Sequence[torch.Tensor], n_ffn: int,
                    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor) -> None:
-        """Set the starting biases from one batch's router logits (one (T, N+Z) tensor per MoE layer).
+        """Set the starting biases from one batch's selection scores (one (T, N+Z) tensor per MoE layer).
 
         `reduce_mean` averages a tensor over training processes, so that every process starts identically.
         """
         levels, spreads = [], []
-        for logits in router_logits:
-            thresholds = first_pick_thresholds(logits.detach(), n_ffn, self.source_top_k)  # (T,)
+        for scores in selection_scores:
+            thresholds = first_pick_thresholds(scores.detach(), n_ffn, self.source_top_k)  # (T,)
             levels.append(torch.quantile(thresholds, self.start_share))
             spreads.append(thresholds.std().clamp_min(1e-3))
         levels = reduce_mean(torch.stack(levels).float())  # (L,)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.loading import register_auto_classes
 from ..errors import UpcycleError
 from .corpus import stable_fraction
 
@@ -142,8 +143,9 @@ def load_checkpoint_tokenizer(checkpoint: str | Path):
                            "with the checkpoint's own tokenizer, so save it into the folder")
     from transformers import AutoTokenizer
 
+    register_auto_classes()  # the checkpoint's model type is then known: transformers never asks to run its code
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UpcycleError(f"cannot load the tokenizer of {folder}: "
                            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"

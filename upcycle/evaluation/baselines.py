@@ -1,12 +1,16 @@
-"""Training-free variable-k baselines on a source MoE: what MoE++ must beat at the same FFN experts per token.
+"""Training-free variable-k baselines: what MoE++ must beat at the same FFN experts per token.
 
 - dynamic skipping: a token keeps only its first expert when the second one's renormalised weight is under a
   threshold (confident tokens use one expert);
 - top-p routing ("Harder tasks need more experts"): a token keeps its highest-probability experts until their
   probability mass reaches p, at most the source's k.
-Kept experts are renormalised as the source does; dropped slots go to the sentinel expert N with weight 0, which
-transformers' expert implementations skip. The threshold or p is found by bisection on calibration blocks so that
-the mean number of FFN experts per token hits the target.
+They run on a converted MoE++ model (at conversion it computes its source exactly), so every family gets them
+through one definition of routing: its router's own selection (`select_experts`), probabilities
+(`routing_probabilities`) and top-k weights (`top_k_weights`: DeepSeek's sigmoid scores and groups, Qwen's and
+OLMoE's missing renormalisation, scaling factors). Kept experts keep the family's weights, renormalised to the
+same total when the family renormalises (as its router does at a smaller top-k); dropped slots become
+zero-computation slots of weight 0, which reach no FFN expert. The threshold or p is found by bisection on
+calibration blocks so that the mean number of FFN experts per token hits the target.
 """
 
 import contextlib
@@ -14,7 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from ..errors import UpcycleError
 
 BASELINES = ("dynamic_skipping", "top_p")
 
@@ -31,52 +36,60 @@ class RoutingCounter:
         return self.slots / max(self.token_layers, 1.0)
 
 
-def keep_mask(probabilities: torch.Tensor, top_k: int, rule: str, knob: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """probabilities (T, N) -> top-k index (T, k) and which slots are kept (T, k), by the baseline's rule."""
-    top_values, top_index = torch.topk(probabilities, top_k, dim=-1)  # (T, k), descending
+def keep_mask(probabilities: torch.Tensor, rule: str, knob: float) -> torch.Tensor:
+    """probabilities (T, k) of a token's selected experts, best first -> which slots are kept (T, k)."""
     if rule == "dynamic_skipping":
-        renormalised = top_values / top_values.sum(dim=-1, keepdim=True)
+        renormalised = probabilities / probabilities.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         keep = renormalised >= knob  # knob: threshold on the renormalised weight
     elif rule == "top_p":
-        mass_before = top_values.cumsum(dim=-1) - top_values  # (T, k) mass of the better experts
+        mass_before = probabilities.cumsum(dim=-1) - probabilities  # (T, k) mass of the better experts
         keep = mass_before < knob  # knob: p
     else:
-        raise ValueError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
+        raise UpcycleError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
     keep[:, 0] = True  # the first expert is always kept
-    return top_index, keep
+    return keep
 
 
-def _variable_k_router(router, rule: str, knob: float, counter: RoutingCounter) -> Callable:
-    def forward(hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, router.hidden_dim)  # (T, D)
-        logits = F.linear(hidden_states, router.weight)  # (T, N)
-        probabilities = torch.softmax(logits.float(), dim=-1)
-        index, keep = keep_mask(probabilities, router.top_k, rule, knob)
-        weights = probabilities.gather(-1, index) * keep
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        counter.slots += keep.sum().item()
-        counter.token_layers += keep.shape[0]
-        return logits, weights, index.masked_fill(~keep, router.num_experts)
+def _variable_k_forward(router, rule: str, knob: float, counter: RoutingCounter) -> Callable:
+    """A router forward that routes as `router` does, then drops FFN slots by the baseline's rule."""
+    n_ffn = router.layout.n_ffn
+
+    def forward(hidden_states: torch.Tensor, previous_logits: torch.Tensor | None = None):
+        logits = router.compute_logits(hidden_states, previous_logits)  # (T, N+Z)
+        index = router.select_experts(logits)  # (T, k), the family's selection
+        probabilities = router.routing_probabilities(logits).gather(-1, index)  # (T, k)
+        order = probabilities.argsort(dim=-1, descending=True)  # best first, whatever order selection gave
+        index, probabilities = index.gather(-1, order), probabilities.gather(-1, order)
+        weights = router.top_k_weights(logits, index)  # (T, k), the family's weights
+        is_ffn = index < n_ffn
+        keep = keep_mask(probabilities.masked_fill(~is_ffn, 0.0), rule, knob) | ~is_ffn  # rule on FFN slots
+        kept = weights * keep
+        if router.renormalize:  # the family's router renormalises its top-k: the kept slots share the same total
+            kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+        counter.slots += (keep & is_ffn).sum().item()
+        counter.token_layers += index.shape[0]
+        return logits, kept, index.masked_fill(~keep, n_ffn)  # dropped: a zero-computation slot of weight 0
 
     return forward
 
 
 @contextlib.contextmanager
 def variable_k_routing(model, rule: str, knob: float) -> Iterator[RoutingCounter]:
-    """Within the context, every MoE layer of a Mixtral-family source routes by the baseline's rule."""
+    """Within the context, every MoE layer of an MoE++ model (any family) routes by the baseline's rule."""
+    if not hasattr(model, "moe_blocks"):
+        raise UpcycleError("training-free baselines run on an MoE++ checkpoint; convert the source first "
+                           "(at conversion it computes exactly what the source does)")
     counter = RoutingCounter()
-    patched = []
-    for layer in model.model.layers:
-        router, experts = layer.mlp.gate, layer.mlp.experts
-        patched.append((router, experts, experts._is_expert_parallel))
-        router.forward = _variable_k_router(router, rule, knob, counter)
-        experts._is_expert_parallel = True  # dropped slots carry the sentinel index N: skipped
+    routers = [block.gate for block in model.moe_blocks()]
+    if routers[0].layout.n_zero_computation == 0:
+        raise UpcycleError("the baselines need at least one zero-computation expert per layer to drop slots into")
+    for router in routers:
+        router.forward = _variable_k_forward(router, rule, knob, counter)
     try:
         yield counter
     finally:
-        for router, experts, flag in patched:
+        for router in routers:
             del router.forward
-            experts._is_expert_parallel = flag
 
 
 @torch.no_grad()

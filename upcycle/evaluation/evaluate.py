@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint.loading import load_causal_lm
+from ..converters import family_for_config
 from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from ..errors import UpcycleError
 
@@ -83,6 +84,18 @@ def paired_ratio(block_losses: torch.Tensor, reference_losses: torch.Tensor,
     means = differences[picks].mean(dim=1)  # (resamples,)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return math.exp(differences.mean().item()), (math.exp(low), math.exp(high))
+
+
+def model_top_k(model) -> int | None:
+    """Experts per token: an MoE++ model's routers say it; a source's family spec names its config field
+    (`num_experts_per_tok`, OpenMoE's `router_topk`). None for a model no family describes."""
+    if hasattr(model, "moe_blocks"):
+        return model.moe_blocks()[0].gate.top_k
+    try:
+        spec = family_for_config(model.config.to_dict())
+    except UpcycleError:
+        return None
+    return getattr(model.config, spec.top_k_field, None)
 
 
 def _moe_layer_indices(model, count: int) -> list[int]:
@@ -170,7 +183,7 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
     was_training = model.training
     model.eval()
     is_moepp = hasattr(model, "moe_blocks")
-    top_k = getattr(model.config, "num_experts_per_tok", None)
+    top_k = model_top_k(model)
     device = next(model.parameters()).device
     block_losses: list[torch.Tensor] = []  # (B,) mean loss per block
     source_block_losses: list[torch.Tensor] = []  # (B,) the source's, on the same blocks

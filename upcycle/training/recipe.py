@@ -132,7 +132,7 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     # Model, trainable set, optimizer, accelerate
     model = load_model(options)
     moe_blocks = model.moe_blocks()
-    source_top_k = model.config.num_experts_per_tok
+    source_top_k = moe_blocks[0].gate.top_k  # the router's own top-k, whatever the family's config calls it
     model, trainable = select_trainable(model, options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                   weight_decay=options.weight_decay)
@@ -159,7 +159,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
         with torch.no_grad(), accelerator.autocast():
             first = blocks.train[order.indices(0, 0, rank)].to(device)
             router_logits = model(input_ids=first, output_router_logits=True, use_cache=False).router_logits
-        controller.initialise(router_logits, selection_biases(), moe_blocks[0].layout.n_ffn,
+            scores = [block.gate.selection_scores(logits) for block, logits in zip(moe_blocks, router_logits)]
+        controller.initialise(scores, selection_biases(), moe_blocks[0].layout.n_ffn,
                               reduce_mean=lambda tensor: accelerator.reduce(tensor.to(device), "mean"))
     if controller is not None:
         controller.apply(selection_biases())
