@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from upcycle.data.corpus import split_documents, stable_fraction, stdlib_documents
-from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
 from upcycle.data.blocks import load_checkpoint_tokenizer, load_texts, load_token_blocks
+from upcycle.data.corpus import split_documents, stable_fraction, stdlib_documents
+from upcycle.data.tokenizer_training import train_bpe_tokenizer
 from upcycle.errors import UpcycleError
 
 DOCUMENTS = ["First document.\n\nIts second paragraph.", "Second document, one line.", "Third: ünïcode ✓ text."]

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from upcycle.checkpoint.loading import load_causal_lm
-from upcycle.surgery.verify import verify
 from upcycle.checkpoint.safetensors_header import TensorInfo
 from upcycle.checkpoint.source import SourceCheckpoint
 from upcycle.converters import family_for_config
@@ -31,6 +30,7 @@ from upcycle.surgery.convert import ConvertOptions, convert
 from upcycle.surgery.moepp_config import moepp_config
 from upcycle.surgery.new_tensors import new_tensors
 from upcycle.surgery.plan import plan_conversion
+from upcycle.surgery.verify import verify
 
 # 5 layers, interval 2: MoE layers 1 and 3 with dense layers 0, 2, 4 around them; head_dim 12 != 32 / 4.
 TINY_OPENMOE = dict(

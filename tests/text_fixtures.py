@@ -57,9 +57,8 @@ def stdlib_corpus(tmp_path_factory) -> Path:
 
 def corpus_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer of TOKENIZER_VOCAB tokens trained on the corpus' train.txt."""
-    from upcycle.data.tokenizer_training import train_bpe_tokenizer
-
     from upcycle.data.blocks import load_texts
+    from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
     return _cached("tokenizer", lambda: train_bpe_tokenizer(
         load_texts(stdlib_corpus(tmp_path_factory) / "train.txt"), vocab_size=TOKENIZER_VOCAB))
