@@ -14,15 +14,47 @@ $(VENV)/.installed: $(SOURCES)
 	$(VENV)/bin/pip install --quiet ".[test]"
 	touch $@
 
+# transformers' own common model tests (tests/test_modeling_common.py...) for tests/test_transformers_common.py:
+# its wheel has none, so they are unpacked from the sdist of the installed version, with `parameterized` (their
+# test dependency); redone only when that version changes. The tests themselves never download.
+TRANSFORMERS_TESTS := $(VENV)/transformers-tests
+.PHONY: transformers-tests
+
+transformers-tests: $(VENV)/.installed
+	@version=$$($(VENV)/bin/python -c "import importlib.metadata as m; print(m.version('transformers'))") && \
+	if [ "$$(cat $(TRANSFORMERS_TESTS)/VERSION 2>/dev/null)" != "$$version" ]; then \
+	  rm -rf $(TRANSFORMERS_TESTS) && mkdir -p $(TRANSFORMERS_TESTS) && \
+	  $(VENV)/bin/pip install --quiet parameterized && \
+	  $(VENV)/bin/pip download --quiet --no-deps --no-binary :all: "transformers==$$version" -d $(TRANSFORMERS_TESTS) && \
+	  tar -xzf $(TRANSFORMERS_TESTS)/transformers-$$version.tar.gz -C $(TRANSFORMERS_TESTS) \
+	    --strip-components=1 transformers-$$version/tests && \
+	  rm $(TRANSFORMERS_TESTS)/transformers-$$version.tar.gz && echo $$version > $(TRANSFORMERS_TESTS)/VERSION; \
+	fi
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/upcycle demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed transformers-tests
 	$(VENV)/bin/upcycle --help > /dev/null
 	$(VENV)/bin/pytest -q
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed transformers-tests
 	$(VENV)/bin/pytest -q -m ""
+
+# What a user meets first: `pip install .` with no extras in a fresh venv, then the installed `upcycle demo`
+# (shortened: 2 training steps, 8 held-out blocks) writes its results and plots; stdout piped like a user would.
+PLAIN_VENV := build/venv-plain
+.PHONY: check-plain-install
+check-plain-install:
+	rm -rf $(PLAIN_VENV) build/plain-demo
+	$(PYTHON) -m venv $(PLAIN_VENV)
+	$(PLAIN_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(PLAIN_VENV)/bin/pip install --quiet .
+	cd build && venv-plain/bin/upcycle demo --output plain-demo --train-steps 2 --max-heldout-blocks 8 < /dev/null | cat
+	test -s build/plain-demo/results.json
+	for plot in perplexity_vs_ffn_experts slot_share_per_layer ffn_experts_by_token_kind; do \
+		test -s build/plain-demo/plots/$$plot.png || exit 1; done
+	rm -rf $(PLAIN_VENV) build/plain-demo
 
 # The vLLM plugin (vllm_plugin/) in its own venv: vLLM's CPU build pins its own torch and transformers.
 # On a GPU machine: `make VLLM_SPEC=vllm test-vllm`. torchvision/torchaudio/torchcodec are removed from the CPU

@@ -121,11 +121,15 @@ def verify(source, converted, tolerance) -> None:
               help="Folder for the demo's checkpoints, results.json and plots.")
 @click.option("--train-steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="Training steps per budget (LoRA on the experts, routers, distillation).")
-def demo(output, train_steps) -> None:
+@click.option("--max-heldout-blocks", type=click.IntRange(min=1), default=None,
+              help="Evaluate on at most this many held-out blocks of 256 tokens (default: all, about 55k tokens); "
+                   "fewer make a quick look, not a measurement.")
+def demo(output, train_steps, max_heldout_blocks) -> None:
     """Run the whole job on the embedded default model (no download)."""
     from .demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(output=output, train_steps=train_steps), echo=click.echo)
+    run_demo(DemoOptions(output=output, train_steps=train_steps, max_heldout_blocks=max_heldout_blocks),
+             echo=click.echo)
 
 
 def data_options(command):
