@@ -101,22 +101,24 @@ class ZeroComputationExperts(nn.Module):
         self.constant_ratio_weight = _param(layout.n_constant, 2, hidden_size, dtype=params_dtype)  # (C, 2, D)
 
     def forward(self, hidden_states: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(T, D), index (T, k), weights (T, k) float32 -> (T, D): the zero-computation experts' contribution."""
+        """(T, D), index (T, k), weights (T, k) float32 -> (T, D): the zero-computation experts' contribution.
+
+        Written with element-wise operations and small reductions only (no scatter, no softmax kernel): on vLLM's
+        CPU backend each of those opens a parallel region, which costs milliseconds on a busy machine.
+        """
         layout = self.layout
         dtype = hidden_states.dtype
         is_copy = (index >= layout.copy_start) & (index < layout.constant_start)
         x_coefficient = (weights * is_copy).sum(dim=-1)  # (T,)
         if layout.n_constant == 0:
             return x_coefficient.to(dtype).unsqueeze(-1) * hidden_states
-        ratio_logits = torch.einsum("td,cjd->tcj", hidden_states, self.constant_ratio_weight.to(dtype))
-        ratios = torch.softmax(ratio_logits.float(), dim=-1)  # (T, C, 2)
-        constant_slot = index - layout.constant_start  # (T, k), >= 0 for constant slots
-        slot_weights = weights * (constant_slot >= 0)
-        constant_weights = torch.zeros(index.shape[0], layout.n_constant, device=index.device,
-                                       dtype=slot_weights.dtype).scatter_add_(1, constant_slot.clamp_min(0),
-                                                                              slot_weights)  # (T, C)
-        x_coefficient = x_coefficient + (constant_weights * ratios[..., 0]).sum(dim=-1)
-        constant_part = (constant_weights * ratios[..., 1]).to(dtype) @ self.constant_vectors.to(dtype)  # (T, D)
+        constant_ids = torch.arange(layout.constant_start, layout.n_total, device=index.device)  # (C,)
+        # (T, C): routing weight each constant expert receives, summed over slots
+        constant_weights = (weights.unsqueeze(-1) * (index.unsqueeze(-1) == constant_ids)).sum(dim=1)
+        ratio_logits = torch.einsum("td,cjd->tcj", hidden_states, self.constant_ratio_weight.to(dtype)).float()
+        a1 = torch.sigmoid(ratio_logits[..., 0] - ratio_logits[..., 1])  # (T, C): softmax over the pair
+        x_coefficient = x_coefficient + (constant_weights * a1).sum(dim=-1)
+        constant_part = (constant_weights * (1.0 - a1)).to(dtype) @ self.constant_vectors.to(dtype)  # (T, D)
         return x_coefficient.to(dtype).unsqueeze(-1) * hidden_states + constant_part
 
 
@@ -197,13 +199,17 @@ class MoePPSparseBlock(nn.Module):
             self.ffn_rows += n_tokens * self.top_k
             return self.experts(hidden_states, logits[:, :n_ffn]), logits
         index = torch.topk(logits + self.gate.score_bias, self.top_k, dim=-1).indices  # (T, k)
-        probabilities = torch.softmax(logits + self.gate.probability_mask, dim=-1)  # (T, N+Z)
-        weights = normalize_top_k_weights(probabilities.gather(-1, index), index, self.layout, self.renormalize,
+        # softmax over the switched-on experts, gathered at the selection (exp / sum: no softmax kernel)
+        shifted = logits + self.gate.probability_mask
+        exponentials = torch.exp(shifted - shifted.amax(dim=-1, keepdim=True))  # (T, N+Z)
+        gathered = exponentials.gather(-1, index) / exponentials.sum(dim=-1, keepdim=True)  # (T, k)
+        weights = normalize_top_k_weights(gathered, index, self.layout, self.renormalize,
                                           self.zero_expert_semantics)  # (T, k) float32
         output = self.zero_computation_experts(hidden_states, index, weights)
         ffn_weights = weights.to(hidden_states.dtype).float() if self.routing_weights_in_input_dtype else weights
-        token_rows, slots = (index < n_ffn).nonzero(as_tuple=True)  # (S,) each: the slots routed to FFN experts
-        n_rows = token_rows.numel()
+        is_ffn = (index < n_ffn).reshape(-1)  # (T*k,)
+        slot_rows = is_ffn.nonzero().squeeze(1)  # (S,): the (token, slot) pairs routed to FFN experts
+        n_rows = slot_rows.numel()
         self.tokens += n_tokens
         self.ffn_rows += n_rows
         if n_rows == n_tokens * self.top_k:  # every slot is an FFN slot: the source's call, MoE++ weights
@@ -211,10 +217,15 @@ class MoePPSparseBlock(nn.Module):
             return output + self.experts(hidden_states, logits[:, :n_ffn]), logits
         if n_rows == 0:
             return output, logits
-        self._routed = (ffn_weights[token_rows, slots].unsqueeze(1).contiguous(),
-                        index[token_rows, slots].unsqueeze(1).to(torch.int32).contiguous())
-        routed = self.experts(hidden_states[token_rows], logits[token_rows, :n_ffn])  # (S, D): one slot per row
-        return output.index_add_(0, token_rows, routed.to(output.dtype)), logits
+        token_rows = torch.div(slot_rows, self.top_k, rounding_mode="floor")
+        self._routed = (ffn_weights.reshape(-1).index_select(0, slot_rows).unsqueeze(1),
+                        index.reshape(-1).index_select(0, slot_rows).to(torch.int32).unsqueeze(1))
+        routed = self.experts(hidden_states.index_select(0, token_rows),
+                              logits[:, :n_ffn].index_select(0, token_rows))  # (S, D): one slot per row
+        # Back to (T, k, D) by a gather (slot -> its row, or a zero row), then the sum over slots.
+        position = torch.where(is_ffn, torch.cumsum(is_ffn, dim=0) - 1, n_rows)  # (T*k,)
+        padded = torch.cat([routed.to(output.dtype), output.new_zeros(1, output.shape[1])])  # (S+1, D)
+        return output + padded.index_select(0, position).view(n_tokens, self.top_k, -1).sum(dim=1), logits
 
 
 def ffn_row_counts(model: nn.Module, reset: bool = False) -> dict[str, dict[str, int]]:
