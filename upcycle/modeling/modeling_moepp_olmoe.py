@@ -59,6 +59,7 @@ class MoePPOlmoePreTrainedModel(MoePPPreTrainedMixin, OlmoePreTrainedModel):
     config_class = MoePPOlmoeConfig
     _no_split_modules = ["MoePPOlmoeDecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPOlmoeDecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPOlmoeDecoderLayer, index=0),
         "attentions": OutputRecorder(OlmoeAttention, index=1),
     }

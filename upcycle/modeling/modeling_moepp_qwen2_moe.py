@@ -66,6 +66,7 @@ class MoePPQwen2MoePreTrainedModel(MoePPPreTrainedMixin, Qwen2MoePreTrainedModel
     config_class = MoePPQwen2MoeConfig
     _no_split_modules = ["MoePPQwen2MoeDecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPQwen2MoeDecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPQwen2MoeDecoderLayer, index=0),
         "attentions": OutputRecorder(Qwen2MoeAttention, index=1),
     }

@@ -60,6 +60,7 @@ class MoePPQwen3MoePreTrainedModel(MoePPPreTrainedMixin, Qwen3MoePreTrainedModel
     config_class = MoePPQwen3MoeConfig
     _no_split_modules = ["MoePPQwen3MoeDecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPQwen3MoeDecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPQwen3MoeDecoderLayer, index=0),
         "attentions": OutputRecorder(Qwen3MoeAttention, index=1),
     }

@@ -26,12 +26,21 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaRMSNorm
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_openmoe import OpenMoeConfig
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 ROPE_BASE = 10000.0  # hard-coded in OpenMoE's attention (generate_fixed_pos_embedding(..., 1.0, 1e4))
+
+
+def accepts_past_key_values(forward):
+    """A forward with a `cache` argument that still takes `past_key_values` (renamed to `cache` with transformers'
+    deprecation warning, as transformers' own models do from 5.24). Before 5.24 `past_key_values` is the name."""
+    if CACHE_ARG != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
 
 def pop_cache(kwargs: dict):
@@ -41,6 +50,12 @@ def pop_cache(kwargs: dict):
         value = kwargs.pop(name, None)
         cache = cache if cache is not None else value
     return cache
+
+
+def resolve_flag(config, kwargs: dict, name: str, default: bool) -> bool:
+    """Pop a boolean forward argument such as `return_dict`: the argument, else the config's value, else default."""
+    value = kwargs.pop(name, None)
+    return value if value is not None else getattr(config, name, default)
 
 
 def swiglu(gate: torch.Tensor) -> torch.Tensor:
@@ -299,13 +314,18 @@ class OpenMoeModel(OpenMoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
-                output_hidden_states=None, **kwargs) -> MoeModelOutputWithPast:
+    @accepts_past_key_values
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, **kwargs) -> MoeModelOutputWithPast:
         """Embeddings (no scaling), the layers carrying the last MoE layer's router logits, the final norm.
 
-        `router_logits` holds one (B*S, E') tensor per MoE layer. Positions default to past + 0..S-1.
+        `router_logits` holds one (B*S, E') tensor per MoE layer when `output_router_logits` (argument, else
+        config) is set. Positions default to past + 0..S-1. `return_dict=False` returns `output.to_tuple()`.
         """
-        cache = pop_cache(kwargs)
+        return_dict = resolve_flag(self.config, kwargs, "return_dict", default=True)
+        output_router_logits = resolve_flag(self.config, kwargs, "output_router_logits", default=False)
+        cache = cache if cache is not None else pop_cache(kwargs)
+        pop_cache(kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -334,12 +354,13 @@ class OpenMoeModel(OpenMoePreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(
+        output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            router_logits=tuple(router_logits),
+            router_logits=tuple(router_logits) if output_router_logits else None,
             **{CACHE_ARG: cache if use_cache else None},
         )
+        return output if return_dict else output.to_tuple()
 
 
 class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
@@ -367,21 +388,27 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                use_cache=None, output_router_logits=None, logits_to_keep=0, **kwargs):
+    @accepts_past_key_values
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_router_logits=None, logits_to_keep=0,
+                **kwargs) -> MoeCausalLMOutputWithPast:
+        """`output_router_logits` and `return_dict`: the argument, else the config's."""
+        return_dict = resolve_flag(self.config, kwargs, "return_dict", default=True)
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_router_logits=output_router_logits, return_dict=True, **kwargs)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        return self.make_output(outputs, logits, loss, attention_mask, output_router_logits)
+        output = self.make_output(outputs, logits, loss, attention_mask, output_router_logits)
+        return output if return_dict else output.to_tuple()
 
-    def make_output(self, outputs, logits, loss, attention_mask, output_router_logits):
+    def make_output(self, outputs, logits, loss, attention_mask, output_router_logits: bool):
         """The causal-LM output; the MoE++ variant adds routing statistics and the balance loss here."""
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
         return MoeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

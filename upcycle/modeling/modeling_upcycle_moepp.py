@@ -71,6 +71,7 @@ class MoePPMixtralPreTrainedModel(MoePPPreTrainedMixin, MixtralPreTrainedModel):
     config_class = MoePPMixtralConfig
     _no_split_modules = ["MoePPMixtralDecoderLayer"]
     _can_record_outputs = {
+        "router_logits": OutputRecorder(MoePPMixtralDecoderLayer, index=1),  # (hidden, G_j); None in dense layers
         "hidden_states": OutputRecorder(MoePPMixtralDecoderLayer, index=0),
         "attentions": OutputRecorder(MixtralAttention, index=1),
     }

@@ -125,10 +125,7 @@ class MoePPOpenMoeForCausalLM(MoePPOpenMoePreTrainedModel, OpenMoeForCausalLM):
     def moe_blocks(self) -> list[MoePPOpenMoeSparseBlock]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
-    def make_output(self, outputs, logits, loss, attention_mask, output_router_logits):
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
+    def make_output(self, outputs, logits, loss, attention_mask, output_router_logits: bool):
         aux_loss, stats = None, None
         if output_router_logits:
             loss, aux_loss, stats = add_balance_loss(self, outputs, loss, attention_mask, self.config.router_topk)

@@ -26,6 +26,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import MixtralModel
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .moepp_layer import MoePPRouter, ZeroComputationExperts, ffn_slots, routing_statistics
@@ -37,6 +38,14 @@ except ImportError:  # pragma: no cover
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache`; support both.
 CACHE_ARG = "cache" if "cache" in inspect.signature(MixtralModel.forward).parameters else "past_key_values"
+
+
+def accepts_past_key_values(forward):
+    """A forward with a `cache` argument that, like the families' own, still takes `past_key_values` (renamed to
+    `cache` with transformers' deprecation warning). Before 5.24 `past_key_values` is the name: nothing to do."""
+    if CACHE_ARG != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
 
 def register_source_layout(moepp_model_type: str, source_model_type: str) -> None:
@@ -225,13 +234,19 @@ class MoePPModelMixin:
         return [builder(**mask_kwargs)] * n_layers
 
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
-                **kwargs) -> MoePPModelOutputWithPast:
-        """The family's model loop, carrying each MoE layer's router logits to the next MoE layer."""
-        kwargs.pop("output_router_logits", None)  # router logits are always returned by this loop
-        cache = kwargs.pop(CACHE_ARG, None)
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
+    @accepts_past_key_values
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, **kwargs) -> MoePPModelOutputWithPast:
+        """The family's model loop, carrying each MoE layer's router logits to the next MoE layer.
+
+        `router_logits` are returned when `output_router_logits` (argument, else config) is set: `capture_outputs`
+        records them from each MoE decoder layer's output (`_can_record_outputs`), outside activation
+        checkpointing, so they are the very tensors the loop passes on (with their gradients).
+        """
+        kwargs.pop("output_router_logits", None)  # read by capture_outputs
+        if "past_key_values" in kwargs:  # the argument's name before transformers 5.24
+            cache = cache if cache is not None else kwargs.pop("past_key_values")
+            kwargs.pop("past_key_values", None)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -246,7 +261,6 @@ class MoePPModelMixin:
         masks = self.layer_attention_masks(inputs_embeds, attention_mask, position_ids, cache)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        router_logits = []  # one (T, N+Z) tensor per MoE layer
         previous_logits = None  # G of the last MoE layer seen; None before the first
         for decoder_layer, mask in zip(self.layers[: self.config.num_hidden_layers], masks):
             hidden_states, layer_logits = decoder_layer(
@@ -262,13 +276,14 @@ class MoePPModelMixin:
             )
             if decoder_layer.is_moe_layer:
                 previous_logits = layer_logits
-                router_logits.append(layer_logits)
         hidden_states = self.norm(hidden_states)
-        return MoePPModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            router_logits=tuple(router_logits),
-            **{CACHE_ARG: cache},
-        )
+        return MoePPModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_ARG: cache})
+
+
+def resolve_return_dict(config, kwargs: dict) -> bool:
+    """Pop `return_dict` from a head's kwargs: the argument, else `config.return_dict` (True by default)."""
+    return_dict = kwargs.pop("return_dict", None)
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
 def add_balance_loss(model, outputs, loss, attention_mask, top_k: int):
@@ -312,9 +327,15 @@ class MoePPForCausalLMMixin:
         """The MoE++ blocks in layer order (dense layers left out)."""
         return [layer.mlp for layer in self.model.layers if layer.is_moe_layer]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                use_cache=None, output_router_logits=None, logits_to_keep=0, **kwargs) -> MoePPCausalLMOutputWithPast:
-        """The family's forward; with `output_router_logits`, also routing statistics and the balance loss."""
+    @accepts_past_key_values
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_router_logits=None, logits_to_keep=0,
+                **kwargs) -> MoePPCausalLMOutputWithPast:
+        """The family's forward; with `output_router_logits`, also routing statistics and the balance loss.
+
+        `return_dict=False` (argument, else `config.return_dict`) returns `output.to_tuple()`.
+        """
+        return_dict = resolve_return_dict(self.config, kwargs)
         output_router_logits = (
             output_router_logits if output_router_logits is not None
             else getattr(self.config, "output_router_logits", False)
@@ -323,8 +344,11 @@ class MoePPForCausalLMMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -335,7 +359,7 @@ class MoePPForCausalLMMixin:
         aux_loss, stats = None, None
         if output_router_logits:
             loss, aux_loss, stats = add_balance_loss(self, outputs, loss, attention_mask, self.config.num_experts_per_tok)
-        return MoePPCausalLMOutputWithPast(
+        output = MoePPCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
@@ -345,3 +369,4 @@ class MoePPForCausalLMMixin:
             routing_statistics=stats,
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
+        return output if return_dict else output.to_tuple()
