@@ -50,6 +50,7 @@ class MoePPQwen2MoeSparseMoeBlock(MoePPBlockMixin, Qwen2MoeSparseMoeBlock):
         self.add_moepp_parts(MoePPRouter(
             layout, config.hidden_size, config.num_experts_per_tok, has_residual,
             renormalize=config.norm_topk_prob, zero_expert_semantics=config.zero_expert_semantics,
+            zero_computation_denominator=config.zero_computation_denominator,
         ), config.hidden_size)
 
     def shared_expert_output(self, tokens: torch.Tensor) -> torch.Tensor:

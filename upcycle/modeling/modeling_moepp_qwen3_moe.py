@@ -48,6 +48,7 @@ class MoePPQwen3MoeSparseMoeBlock(MoePPBlockMixin, Qwen3MoeSparseMoeBlock):
         self.add_moepp_parts(MoePPRouter(
             layout, config.hidden_size, config.num_experts_per_tok, has_residual,
             renormalize=config.norm_topk_prob, zero_expert_semantics=config.zero_expert_semantics,
+            zero_computation_denominator=config.zero_computation_denominator,
         ), config.hidden_size)
 
 

@@ -68,6 +68,7 @@ class MoePPOpenMoeSparseBlock(nn.Module):
             self.layout, config.hidden_size, config.router_topk, has_residual,
             renormalize=False,  # OpenMoE does not renormalise its top-k weights
             zero_expert_semantics=config.zero_expert_semantics,
+            zero_computation_denominator=config.zero_computation_denominator,
         )
         self.experts = OpenMoeExperts(config)
         self.zero_computation_experts = ZeroComputationExperts(self.layout, config.hidden_size)

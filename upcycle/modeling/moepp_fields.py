@@ -7,6 +7,9 @@ either. Copied into every converted checkpoint as remote code, beside the config
 import dataclasses
 
 ZERO_EXPERT_SEMANTICS = ("drop_and_renormalize", "keep_weight")
+# The softmax denominator of the FFN experts' top-k weights, for families that do not renormalise them (Qwen2-MoE,
+# OLMoE, DeepSeek-V2, OpenMoE as published); no effect when the family renormalises (docs/layer-math.md).
+ZERO_COMPUTATION_DENOMINATORS = ("switched_on", "ffn_only")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -26,6 +29,12 @@ class MoePPFields:
     # renormalised (official MoE++ 7B). "keep_weight": the Zero expert keeps its share of the normalisation,
     # so the other selected experts are scaled down by it.
     zero_expert_semantics: str = "drop_and_renormalize"
+    # "switched_on": every weight comes from one softmax over the FFN experts and the switched-on zero-computation
+    # experts, so switching one on shrinks every FFN weight of a family that does not renormalise. "ffn_only": FFN
+    # weights come from the softmax over the FFN experts alone (the source's probabilities), zero-computation
+    # weights from the softmax over every switched-on expert. Conversion writes "ffn_only"; this default keeps
+    # checkpoints written before the field computing what they did.
+    zero_computation_denominator: str = "switched_on"
     source_model_type: str = "mixtral"  # the family the checkpoint was converted from
 
     @property
@@ -49,6 +58,11 @@ class MoePPFields:
             raise ValueError(
                 f"zero_expert_semantics must be one of {', '.join(ZERO_EXPERT_SEMANTICS)}, "
                 f"got {self.zero_expert_semantics!r}"
+            )
+        if self.zero_computation_denominator not in ZERO_COMPUTATION_DENOMINATORS:
+            raise ValueError(
+                f"zero_computation_denominator must be one of {', '.join(ZERO_COMPUTATION_DENOMINATORS)}, "
+                f"got {self.zero_computation_denominator!r}"
             )
         if not 0.0 < self.balance_tau <= 1.0:
             raise ValueError(f"balance_tau must be in (0, 1], got {self.balance_tau}")

@@ -25,6 +25,8 @@ def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: boo
         balance_tau=MoePPFields.balance_tau,
         balance_loss_coef=MoePPFields.balance_loss_coef,
         zero_expert_semantics=zero_expert_semantics,
+        # FFN weights keep the source's softmax whatever is switched on (docs/layer-math.md, measured better)
+        zero_computation_denominator="ffn_only",
         source_model_type=source_config.get("model_type", spec.name),
     )
     return config
