@@ -144,8 +144,11 @@ def test_controller_ramp_sign_and_start(trained_moepp):
     controller.apply(biases)
     with torch.no_grad():
         stats = model(tokens, output_router_logits=True).routing_statistics
-    # About start_share of the tokens now pick one zero-computation expert in each layer.
-    assert torch.allclose(stats["ffn_experts_per_token"], torch.full((3,), 1.95), atol=0.03)
+    # About start_share of the tokens now pick one zero-computation expert: exactly so in the first layer, whose
+    # input the biases do not change; later layers' inputs move with the routing before them (and the residual).
+    measured = stats["ffn_experts_per_token"]
+    assert measured[0].item() == pytest.approx(1.95, abs=0.03)
+    assert torch.allclose(measured[1:], torch.full((2,), 1.95), atol=0.07)
     thresholds = first_pick_thresholds(logits[0], 8, 2)
     assert (thresholds < controller.biases[0, 0]).float().mean().item() == pytest.approx(0.05, abs=0.01)
     level = controller.biases.clone()
