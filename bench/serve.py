@@ -65,10 +65,9 @@ def prepare(out: Path, prompt_tokens: int, n_prompts: int) -> None:
 
 def run(out: Path, rounds: int, batch: int, new_tokens: int, dtype: str) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: counters readable
+    from upcycle_vllm.layer import ffn_row_counts
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
-
-    from upcycle_vllm.layer import ffn_row_counts
 
     ffn_seconds = {"current": None}
     original_forward = MoERunner.forward
@@ -90,49 +89,58 @@ def run(out: Path, rounds: int, batch: int, new_tokens: int, dtype: str) -> dict
     prefill = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False, ignore_eos=True)
     generate = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, detokenize=False,
                               ignore_eos=True)
-    times = {arm: {"prefill": [], "generate": [], "ffn": []} for arm in ARMS}
-    rows = {arm: [0, 0] for arm in ARMS}  # ffn rows, tokens (MoE++ arms, all MoE layers)
+    phases = ("prefill", "generate")
+    times = {arm: {key: [] for key in ("prefill", "generate", "ffn_prefill", "ffn_generate")} for arm in ARMS}
+    rows = {arm: {phase: [0, 0] for phase in phases} for arm in ARMS}  # FFN rows, tokens (all MoE++ layers)
     for arm in ARMS:  # warm-up, not timed
         engines[arm].generate(prompts, generate, use_tqdm=False)
     for _ in range(rounds):
         for arm in ARMS:
-            engines[arm].apply_model(functools.partial(ffn_row_counts, reset=True))
-            start = time.perf_counter()
-            engines[arm].generate(prompts, prefill, use_tqdm=False)
-            times[arm]["prefill"].append(time.perf_counter() - start)
-            ffn_seconds[arm] = 0.0
-            ffn_seconds["current"] = arm
-            start = time.perf_counter()
-            engines[arm].generate(prompts, generate, use_tqdm=False)
-            times[arm]["generate"].append(time.perf_counter() - start)
-            ffn_seconds["current"] = None
-            times[arm]["ffn"].append(ffn_seconds[arm])
-            for layer in engines[arm].apply_model(functools.partial(ffn_row_counts, reset=True))[0].values():
-                rows[arm][0] += layer["ffn_rows"]
-                rows[arm][1] += layer["tokens"]
+            for phase, params in (("prefill", prefill), ("generate", generate)):
+                engines[arm].apply_model(functools.partial(ffn_row_counts, reset=True))
+                ffn_seconds[arm] = 0.0
+                ffn_seconds["current"] = arm
+                start = time.perf_counter()
+                engines[arm].generate(prompts, params, use_tqdm=False)
+                times[arm][phase].append(time.perf_counter() - start)
+                ffn_seconds["current"] = None
+                times[arm][f"ffn_{phase}"].append(ffn_seconds[arm])
+                for layer in engines[arm].apply_model(functools.partial(ffn_row_counts, reset=True))[0].values():
+                    rows[arm][phase][0] += layer["ffn_rows"]
+                    rows[arm][phase][1] += layer["tokens"]
+    n_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    median = statistics.median
     results = {}
     for arm in ARMS:
-        t_gen = statistics.median(times[arm]["generate"])
-        t_pre = statistics.median(times[arm]["prefill"])
+        t = {key: median(values) for key, values in times[arm].items()}
+        per_token = {phase: rows[arm][phase][0] / rows[arm][phase][1] if rows[arm][phase][1] else 2.0
+                     for phase in phases}
+        decode_rows = rows[arm]["generate"][0] - rows[arm]["prefill"][0]
+        decode_tokens = rows[arm]["generate"][1] - rows[arm]["prefill"][1]
         results[arm] = {
-            "output_tokens_per_s": batch * new_tokens / t_gen,
-            "time_per_output_token_ms": 1000 * (t_gen - t_pre) / (new_tokens - 1),
-            "generate_s": t_gen,
-            "prefill_s": t_pre,
-            "ffn_share": statistics.median(f / g for f, g in zip(times[arm]["ffn"], times[arm]["generate"])),
-            "ffn_rows_per_token": rows[arm][0] / rows[arm][1] if rows[arm][1] else 2.0,
-            "runs_generate_s": times[arm]["generate"],
+            "prefill_tokens_per_s": n_prompt_tokens / t["prefill"],
+            "prefill_ffn_share": t["ffn_prefill"] / t["prefill"],
+            "prefill_ffn_rows_per_token": per_token["prefill"],
+            "output_tokens_per_s": batch * new_tokens / t["generate"],
+            "time_per_output_token_ms": 1000 * (t["generate"] - t["prefill"]) / (new_tokens - 1),
+            "decode_ffn_share": (t["ffn_generate"] - t["ffn_prefill"]) / (t["generate"] - t["prefill"]),
+            "decode_ffn_rows_per_token": decode_rows / decode_tokens if decode_tokens else 2.0,
+            "median_s": t,
+            "runs_s": times[arm],
         }
     source = results["source"]
     for arm in ARMS[1:]:
-        result = results[arm]
-        result["throughput_vs_source"] = result["output_tokens_per_s"] / source["output_tokens_per_s"]
-        result["tpot_vs_source"] = result["time_per_output_token_ms"] / source["time_per_output_token_ms"]
-        ideal_saving = source["ffn_share"] * (1 - result["ffn_rows_per_token"] / 2)  # share of source time
-        achieved_saving = 1 - result["generate_s"] / source["generate_s"]
-        result["ideal_time_saving"] = ideal_saving
-        result["achieved_time_saving"] = achieved_saving
-        result["achieved_over_ideal"] = achieved_saving / ideal_saving if ideal_saving > 0 else None
+        r = results[arm]
+        r["prefill_vs_source"] = r["prefill_tokens_per_s"] / source["prefill_tokens_per_s"]
+        r["tpot_vs_source"] = r["time_per_output_token_ms"] / source["time_per_output_token_ms"]
+        r["throughput_vs_source"] = r["output_tokens_per_s"] / source["output_tokens_per_s"]
+        for phase, speed, rows_key in (("prefill", "prefill_vs_source", "prefill_ffn_rows_per_token"),
+                                       ("decode", "tpot_vs_source", "decode_ffn_rows_per_token")):
+            ideal = source[f"{phase}_ffn_share"] * (1 - r[rows_key] / 2)  # share of the source's time
+            achieved = 1 - 1 / r[speed] if phase == "prefill" else 1 - r[speed]
+            r[f"{phase}_ideal_saving"] = ideal
+            r[f"{phase}_achieved_saving"] = achieved
+            r[f"{phase}_achieved_over_ideal"] = achieved / ideal if ideal > 0.005 else None
     return results
 
 
@@ -142,7 +150,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -153,16 +161,24 @@ def main() -> None:
     results = run(args.out, args.rounds, args.batch, args.new_tokens, args.dtype)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(f"\n{'model':<12} {'tok/s':>8} {'TPOT ms':>8} {'FFN rows/tok':>12} {'FFN share':>9} "
-          f"{'vs source':>9} {'saving':>7} {'ideal':>7} {'ach/ideal':>9}")
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    print(f"\n{'model':<11} | {'prefill tok/s':>13} {'rows/tok':>8} {'FFN share':>9} {'saving':>7} {'ideal':>6} "
+          f"{'ach/ideal':>9} | {'TPOT ms':>8} {'rows/tok':>8} {'FFN share':>9} {'saving':>7} {'ideal':>6} "
+          f"{'ach/ideal':>9} | {'out tok/s':>9}")
     for arm, r in results.items():
-        line = (f"{arm:<12} {r['output_tokens_per_s']:>8.1f} {r['time_per_output_token_ms']:>8.2f} "
-                f"{r['ffn_rows_per_token']:>12.3f} {r['ffn_share']:>9.1%}")
+        cells = {phase: ["", "", ""] for phase in ("prefill", "decode")}
         if arm != "source":
-            ratio = "-" if r["achieved_over_ideal"] is None else f"{r['achieved_over_ideal']:.2f}"
-            line += (f" {r['throughput_vs_source']:>9.3f} {r['achieved_time_saving']:>7.1%}"
-                     f" {r['ideal_time_saving']:>7.1%} {ratio:>9}")
-        print(line)
+            for phase in cells:
+                cells[phase] = [f"{r[f'{phase}_achieved_saving']:.1%}", f"{r[f'{phase}_ideal_saving']:.1%}",
+                                ratio(r[f"{phase}_achieved_over_ideal"])]
+        p, d = cells["prefill"], cells["decode"]
+        print(f"{arm:<11} | {r['prefill_tokens_per_s']:>13.0f} {r['prefill_ffn_rows_per_token']:>8.3f} "
+              f"{r['prefill_ffn_share']:>9.1%} {p[0]:>7} {p[1]:>6} {p[2]:>9} | {r['time_per_output_token_ms']:>8.1f} "
+              f"{r['decode_ffn_rows_per_token']:>8.3f} {r['decode_ffn_share']:>9.1%} {d[0]:>7} {d[1]:>6} {d[2]:>9} | "
+              f"{r['output_tokens_per_s']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Checkpoints:
                  Zero, Copy and Constant all selected and the gating residual non-zero
 - qwen3          a random tiny Qwen3-MoE (norm_topk_prob false, so keep_weight semantics; one dense layer
                  between MoE layers, so the residual skips it), converted and perturbed the same way
+- qwen3-other-denominator  qwen3 with the other `zero_computation_denominator` (switched_on / ffn_only), made
+                 only when `upcycle convert` writes that field
 """
 
 import argparse
@@ -56,7 +58,7 @@ def perturb(checkpoint: Path, seed: int) -> None:
     from safetensors.torch import load_file, save_file
 
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
-    shard = checkpoint / sorted(set(index["weight_map"].values()))[-1]
+    shard = checkpoint / max(index["weight_map"].values())
     tensors = load_file(shard)
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in tensors.items():
@@ -137,8 +139,16 @@ def main() -> None:
     make_qwen3_source(out / "qwen3-source", args.demo_model)
     upcycle("convert", str(out / "qwen3-source"), str(out / "qwen3"), "--link", "copy", "--overwrite")
     perturb(out / "qwen3", seed=2)
+    names = ["demo", "demo-1.5", "demo-1.0", "demo-perturbed", "qwen3"]
+    config = json.loads((out / "qwen3" / "config.json").read_text())
+    if "zero_computation_denominator" in config:  # an upcycle that writes the field: check the other value too
+        other = {"ffn_only": "switched_on", "switched_on": "ffn_only"}[config["zero_computation_denominator"]]
+        shutil.copytree(out / "qwen3", out / "qwen3-other-denominator", dirs_exist_ok=True)
+        config["zero_computation_denominator"] = other
+        (out / "qwen3-other-denominator" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        names.append("qwen3-other-denominator")
     results = {}
-    for name in ("demo", "demo-1.5", "demo-1.0", "demo-perturbed", "qwen3"):
+    for name in names:
         results[name] = reference(out / name)
         print(f"{name}: transformers FFN experts per token {results[name]['ffn_experts_per_token']:.3f}")
     (out / "reference.json").write_text(json.dumps(results, indent=1))

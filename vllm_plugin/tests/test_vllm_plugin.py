@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from upcycle_vllm.layer import ExpertLayout, ZeroComputationExperts, normalize_top_k_weights
 
-CHECKPOINTS = ["demo", "demo-1.5", "demo-1.0", "demo-perturbed", "qwen3"]
+CHECKPOINTS = ["demo", "demo-1.5", "demo-1.0", "demo-perturbed", "qwen3", "qwen3-other-denominator"]
 LOGPROB_TOL = 1e-4
 TIE_MARGIN = 1e-4
 
@@ -39,23 +38,26 @@ def reference(reference_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def served(reference_dir) -> dict:
+def served(reference_dir, reference) -> dict:
     """vLLM's results for every checkpoint, from one subprocess (engine start-up dominates)."""
     script = Path(__file__).with_name("vllm_check.py")
-    run = subprocess.run([sys.executable, str(script), str(reference_dir), *CHECKPOINTS],
-                         capture_output=True, text=True, timeout=900)
+    names = [name for name in CHECKPOINTS if name in reference]
+    run = subprocess.run([sys.executable, str(script), str(reference_dir), *names],
+                         capture_output=True, text=True, timeout=900, check=False)
     results = {}
     for line in run.stdout.splitlines():
         if line.startswith("UPCYCLE_VLLM_RESULT "):
             result = json.loads(line.removeprefix("UPCYCLE_VLLM_RESULT "))
             results[result["name"]] = result
-    if run.returncode != 0 or len(results) != len(CHECKPOINTS):
+    if run.returncode != 0 or len(results) != len(names):
         pytest.fail(f"vllm_check.py exited {run.returncode}; last output:\n{(run.stdout + run.stderr)[-6000:]}")
     return results
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_greedy_generations_and_logprobs_match_transformers(name, reference, served):
+    if name not in reference:
+        pytest.skip(f"{name}: not made by this upcycle (see make_reference.py)")
     compared = 0
     for expected, got in zip(reference[name]["prompts"], served[name]["generations"], strict=True):
         for step, (want, token) in enumerate(zip(expected["token_ids"], got["token_ids"], strict=True)):
@@ -73,6 +75,8 @@ def test_greedy_generations_and_logprobs_match_transformers(name, reference, ser
 def test_ffn_rows_are_the_ffn_slots(name, reference, served):
     """The FFN kernels process exactly the (token, slot) rows routed to FFN experts: zero-computation slots cost
     no FFN row. Measured rows per token equal transformers' FFN experts per token on the same prompts."""
+    if name not in reference:
+        pytest.skip(f"{name}: not made by this upcycle (see make_reference.py)")
     layers = served[name]["layers"]
     n_tokens = sum(len(p["prompt_token_ids"]) for p in reference[name]["prompts"])
     assert all(layer["tokens"] == n_tokens for layer in layers.values())

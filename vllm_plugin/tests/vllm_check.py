@@ -20,11 +20,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def check(reference_dir: str, name: str, dtype: str) -> dict:
+    from upcycle_vllm.layer import ffn_row_counts
     from vllm import LLM, SamplingParams
 
-    from upcycle_vllm.layer import ffn_row_counts
-
-    reference = json.load(open(os.path.join(reference_dir, "reference.json")))[name]
+    with open(os.path.join(reference_dir, "reference.json")) as file:
+        reference = json.load(file)[name]
     prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in reference["prompts"]]
     n_new = len(reference["prompts"][0]["token_ids"])
     llm = LLM(model=os.path.join(reference_dir, name), dtype=dtype, enforce_eager=True, skip_tokenizer_init=True,

@@ -13,6 +13,7 @@ MOEPP_DEFAULTS = {
     "n_constant_experts": 2,
     "gating_residual": True,
     "zero_expert_semantics": "drop_and_renormalize",
+    "zero_computation_denominator": "switched_on",  # checkpoints written before the field compute this
 }
 
 

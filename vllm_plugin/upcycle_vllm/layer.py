@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 from vllm.model_executor.utils import set_weight_attrs
+
 
 @dataclass(frozen=True)
 class ExpertLayout:
@@ -146,7 +146,8 @@ class MoePPSparseBlock(nn.Module):
     """
 
     def __init__(self, config, *, layout: ExpertLayout, top_k: int, intermediate_size: int, renormalize: bool,
-                 zero_expert_semantics: str, has_residual: bool, ckpt_names: tuple[str, str, str],
+                 zero_expert_semantics: str, zero_computation_denominator: str, has_residual: bool,
+                 ckpt_names: tuple[str, str, str],
                  routing_weights_in_input_dtype: bool, quant_config, params_dtype: torch.dtype, prefix: str):
         super().__init__()
         hidden_size = config.hidden_size
@@ -154,6 +155,12 @@ class MoePPSparseBlock(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.zero_expert_semantics = zero_expert_semantics
+        # "ffn_only": FFN experts' weights from the softmax over the FFN experts alone (the source's probabilities),
+        # zero-computation experts' from the softmax over every switched-on expert; only where the family does
+        # not renormalise (with renormalisation the common denominator cancels). "switched_on": one softmax.
+        if zero_computation_denominator not in ("switched_on", "ffn_only"):
+            raise ValueError(f"unknown zero_computation_denominator {zero_computation_denominator!r}")
+        self.ffn_only_denominator = zero_computation_denominator == "ffn_only" and not renormalize
         self.routing_weights_in_input_dtype = routing_weights_in_input_dtype
         self.gate = MoePPGate(layout, hidden_size, has_residual, params_dtype)
         self.zero_computation_experts = ZeroComputationExperts(layout, hidden_size, params_dtype)
@@ -202,7 +209,10 @@ class MoePPSparseBlock(nn.Module):
         # softmax over the switched-on experts, gathered at the selection (exp / sum: no softmax kernel)
         shifted = logits + self.gate.probability_mask
         exponentials = torch.exp(shifted - shifted.amax(dim=-1, keepdim=True))  # (T, N+Z)
-        gathered = exponentials.gather(-1, index) / exponentials.sum(dim=-1, keepdim=True)  # (T, k)
+        denominator = exponentials.sum(dim=-1, keepdim=True)  # (T, 1)
+        if self.ffn_only_denominator:
+            denominator = torch.where(index < n_ffn, exponentials[:, :n_ffn].sum(dim=-1, keepdim=True), denominator)
+        gathered = exponentials.gather(-1, index) / denominator  # (T, k)
         weights = normalize_top_k_weights(gathered, index, self.layout, self.renormalize,
                                           self.zero_expert_semantics)  # (T, k) float32
         output = self.zero_computation_experts(hidden_states, index, weights)

@@ -9,10 +9,10 @@ per-expert `w1/w2/w3` or `gate_proj/up_proj/down_proj`; MoE++ tensors under `mlp
 """
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
-
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -117,6 +117,7 @@ class MoePPDecoderLayer(nn.Module):
                 config, layout=layout, top_k=config.num_experts_per_tok,
                 intermediate_size=family.expert_intermediate_size(config), renormalize=family.renormalize(config),
                 zero_expert_semantics=moepp_field(config, "zero_expert_semantics"),
+                zero_computation_denominator=moepp_field(config, "zero_computation_denominator"),
                 # the first MoE layer has no previous logits, so no gating-residual matrix
                 has_residual=bool(moepp_field(config, "gating_residual")) and layer_idx != moe_layers[0],
                 ckpt_names=family.ckpt_names, routing_weights_in_input_dtype=family.routing_weights_in_input_dtype,
@@ -170,7 +171,7 @@ class MoePPModel(nn.Module):
 
 class _MoePPForCausalLM(nn.Module):
     family: _Family
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_substr={".block_sparse_moe.": ".mlp."},  # classic Mixtral keys; MoE++ tensors under .mlp.
         orig_to_new_stacked={
