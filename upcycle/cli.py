@@ -10,12 +10,13 @@ import json
 import os
 import shlex
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from .errors import UpcycleError
-from .training.options import FIELDS, field_type
+from .training.options import FIELDS, TrainOptions
 
 
 def _quiet_libraries() -> None:
@@ -132,25 +133,35 @@ def demo(output, train_steps, max_heldout_blocks) -> None:
              echo=click.echo)
 
 
+def _option_type(owner: type, name: str) -> type:
+    """The base type of a dataclass field: `int | None` -> int."""
+    annotation = typing.get_type_hints(owner)[name]
+    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return members[0] if members else annotation
+
+
+def _dataclass_option(owner: type, field: dataclasses.Field, default):
+    """One click option for a dataclass field: its help, choices, type; `default` None means "not given"."""
+    flag, base = "--" + field.name.replace("_", "-"), _option_type(owner, field.name)
+    shown = "none" if field.default is None else field.default
+    help_text = f"{field.metadata['help']} [default: {shown}]"
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", field.name, default=default, help=help_text)
+    kind = click.Choice(field.metadata["choices"]) if "choices" in field.metadata else base
+    return click.option(flag, field.name, type=kind, default=default, help=help_text)
+
+
 def data_options(command):
-    """Options shared by calibrate and eval: how the data becomes token blocks."""
-    options = [
-        click.option("--data", required=True, help="A .txt / .jsonl / .parquet file, a folder of .txt files, or "
-                                                   "a Hub dataset name (online)."),
-        click.option("--text-field", default="text", show_default=True, help="The text field of .jsonl/.parquet."),
-        click.option("--block-size", type=click.IntRange(min=2), default=256, show_default=True,
-                     help="Tokens per packed sequence."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Sequences per forward pass."),
-        click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-                     show_default=True, help="Share of documents held out (split by a hash of each document)."),
-        click.option("--max-tokens", type=click.IntRange(min=2), default=None,
-                     help="Read at most this many tokens of the data (documents in order)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Order of the training blocks."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    """The data options of calibrate and eval (upcycle.data.options.DataOptions, written once), with --data and
+    --batch-size; the command receives them as keyword arguments named as the fields."""
+    from .data.options import DataOptions
+
+    for field in reversed(dataclasses.fields(DataOptions)):
+        command = _dataclass_option(DataOptions, field, field.default)(command)
+    command = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                           help="Sequences per forward pass.")(command)
+    return click.option("--data", required=True, help="A .txt / .jsonl / .parquet file, a folder of .txt files, "
+                                                      "or a Hub dataset name (online).")(command)
 
 
 @cli.command()
@@ -164,17 +175,13 @@ def data_options(command):
 @click.option("--priority", default="zero,constant,copy", show_default=True,
               help="Order in which zero-computation types take tokens, for layers whose biases are all -inf.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def calibrate(checkpoint, target, output, data, text_field, block_size, batch_size, heldout_fraction, max_tokens,
-              seed, batches, priority, overwrite) -> None:
+def calibrate(checkpoint, target, output, data, batches, priority, overwrite, **data_settings) -> None:
     """Set CHECKPOINT's selection biases so that a target number of FFN experts per token holds (no training)."""
     from .budget.calibrate import TOLERANCE, CalibrateOptions
     from .budget.calibrate import calibrate as run_calibrate
 
-    options = CalibrateOptions(
-        target_ffn_per_token=target, batches=batches, batch_size=batch_size, block_size=block_size, seed=seed,
-        heldout_fraction=heldout_fraction, max_tokens=max_tokens, text_field=text_field,
-        priority=tuple(kind.strip() for kind in priority.split(",")), overwrite=overwrite,
-    )
+    options = CalibrateOptions(target_ffn_per_token=target, batches=batches, overwrite=overwrite,
+                               priority=tuple(kind.strip() for kind in priority.split(",")), **data_settings)
     report = run_calibrate(checkpoint, output, data, options, command=_command_line())
     per_layer = ", ".join(f"{value:.2f}" for value in report.heldout_per_layer)
     click.echo(f"calibrated {len(report.layers)} MoE layers on {report.calibration_tokens:,} tokens: "
@@ -195,13 +202,11 @@ def calibrate(checkpoint, target, output, data, text_field, block_size, batch_si
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write per-layer plots (PNG) into this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, data, text_field, block_size, batch_size, heldout_fraction, max_tokens, seed, source,
-             max_blocks, plots_dir, as_json) -> None:
+def evaluate(checkpoint, data, source, max_blocks, plots_dir, as_json, **data_settings) -> None:
     """Perplexity, FFN experts per token, zero-computation shares, load balance (and KL to SOURCE) on held-out text."""
     from .evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_report
 
-    options = EvalOptions(block_size=block_size, batch_size=batch_size, seed=seed, heldout_fraction=heldout_fraction,
-                          max_tokens=max_tokens, max_blocks=max_blocks, text_field=text_field)
+    options = EvalOptions(max_blocks=max_blocks, **data_settings)
     report = evaluate_checkpoint(checkpoint, data, source, options)
     result = report.as_dict()
     if plots_dir is not None:
@@ -213,22 +218,10 @@ def evaluate(checkpoint, data, text_field, block_size, batch_size, heldout_fract
         click.echo(f"plots: {', '.join(result['plots'])}")
 
 
-def _flag_help(field: dataclasses.Field) -> str:
-    default = field.default
-    shown = "none" if default is None else default
-    return f"{field.metadata['help']} [default: {shown}]"
-
-
 def options_from_dataclass(command):
     """One click option per TrainOptions field (default None = not given, so the YAML config can set it)."""
-    for name, field in reversed(FIELDS.items()):
-        flag = "--" + name.replace("_", "-")
-        base, _ = field_type(name)
-        if base is bool:
-            command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_flag_help(field))(command)
-        else:
-            kind = click.Choice(field.metadata["choices"]) if "choices" in field.metadata else base
-            command = click.option(flag, name, type=kind, default=None, help=_flag_help(field))(command)
+    for field in reversed(FIELDS.values()):
+        command = _dataclass_option(TrainOptions, field, None)(command)
     return command
 
 

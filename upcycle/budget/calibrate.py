@@ -33,7 +33,8 @@ from ..checkpoint.output_dir import atomic_output_dir, check_output_path
 from ..checkpoint.provenance import read_provenance, write_provenance
 from ..checkpoint.source import read_config, read_weight_map
 from ..converters import family_for_moepp_config
-from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
+from ..data.blocks import load_checkpoint_tokenizer
+from ..data.options import DataOptions
 from ..errors import UpcycleError
 from ..evaluation.evaluate import evaluate_model
 
@@ -43,18 +44,13 @@ TOLERANCE = 0.05  # |held-out FFN experts per token - target| the calibration pr
 SELECTION_BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*selection_bias$")
 
 
-@dataclass
-class CalibrateOptions:
-    """Every option of `upcycle calibrate`."""
+@dataclass(kw_only=True)
+class CalibrateOptions(DataOptions):
+    """Every option of `upcycle calibrate` (the data options are upcycle.data.options.DataOptions')."""
 
     target_ffn_per_token: float
     batches: int = 8
     batch_size: int = 8
-    block_size: int = 256
-    seed: int = 0
-    heldout_fraction: float = 0.1
-    max_tokens: int | None = None
-    text_field: str = "text"
     priority: tuple[str, ...] = DEFAULT_PRIORITY
     overwrite: bool = False
 
@@ -63,8 +59,9 @@ class CalibrateOptions:
         if not fewest <= self.target_ffn_per_token <= top_k:
             raise UpcycleError(f"the target must be between {fewest} and {top_k} FFN experts per token "
                                f"(top-{top_k} with {n_zero_computation} zero-computation experts per layer)")
-        if self.batches < 1 or self.batch_size < 1 or self.block_size < 2:
-            raise UpcycleError("--batches and --batch-size must be at least 1, --block-size at least 2")
+        if self.batches < 1 or self.batch_size < 1:
+            raise UpcycleError("--batches and --batch-size must be at least 1")
+        self.validate_data_options()
         if sorted(self.priority) != sorted(DEFAULT_PRIORITY):
             raise UpcycleError(f"the priority must name each of {', '.join(DEFAULT_PRIORITY)} once")
 
@@ -261,8 +258,7 @@ def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptio
     options.validate(int(config[family_for_moepp_config(config).top_k_field]), n_zero_computation)
     check_output_path(output, options.overwrite, protected=(checkpoint,))
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    blocks = load_token_blocks(data, tokenizer, options.block_size, options.seed, options.heldout_fraction,
-                               options.max_tokens, options.text_field)
+    blocks = options.token_blocks(data, tokenizer)
     model = load_causal_lm(checkpoint)
     layer_indices = _moe_layer_indices(model)
     keys, weight_map = _selection_bias_keys(checkpoint, len(layer_indices))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..checkpoint.loading import load_causal_lm
 from ..converters import family_for_config
-from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
+from ..data.blocks import load_checkpoint_tokenizer
+from ..data.options import DataOptions
 from ..errors import UpcycleError
 
 ZERO_COMPUTATION_TYPES = ("zero", "copy", "constant")
@@ -237,17 +238,12 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
     )
 
 
-@dataclass
-class EvalOptions:
-    """Every option of `upcycle eval`."""
+@dataclass(kw_only=True)
+class EvalOptions(DataOptions):
+    """Every option of `upcycle eval` (the data options are upcycle.data.options.DataOptions')."""
 
-    block_size: int = 256
     batch_size: int = 8
-    seed: int = 0
-    heldout_fraction: float = 0.1
-    max_tokens: int | None = None
     max_blocks: int | None = None
-    text_field: str = "text"
 
 
 def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
@@ -255,13 +251,13 @@ def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
     """Load CHECKPOINT (and SOURCE), tokenize DATA with CHECKPOINT's tokenizer, evaluate on its held-out blocks."""
 
     options = options or EvalOptions()
-    if options.block_size < 2 or options.batch_size < 1:
-        raise UpcycleError("--block-size must be at least 2 and --batch-size at least 1")
+    if options.batch_size < 1:
+        raise UpcycleError("--batch-size must be at least 1")
+    options.validate_data_options()
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     model = load_causal_lm(Path(checkpoint))
     source_model = load_causal_lm(Path(source)) if source is not None else None
-    blocks = load_token_blocks(data, tokenizer, options.block_size, options.seed, options.heldout_fraction,
-                               options.max_tokens, options.text_field)
+    blocks = options.token_blocks(data, tokenizer)
     heldout = blocks.heldout if options.max_blocks is None else blocks.heldout[: options.max_blocks]
     return evaluate_model(model, heldout, source_model, options.batch_size)
 

@@ -8,11 +8,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ..data.options import DataOptions
+from ..data.options import option as _option
 from ..errors import UpcycleError
 
 TRAINABLE_SETS = ("default", "lora", "full")
@@ -20,13 +22,13 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _option(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
-class TrainOptions:
-    """Continued training of an MoE++ checkpoint toward a compute budget (see docs/training.md)."""
+class TrainOptions(DataOptions):
+    """Continued training of an MoE++ checkpoint toward a compute budget (see docs/training.md).
+
+    The data options (text_field, block_size, heldout_fraction, max_tokens, seed) are DataOptions'; only the
+    block size's default differs (training sequences are shorter than evaluation blocks by default).
+    """
 
     # What to train, on what, into where
     model: str | None = _option(None, "MoE++ checkpoint folder to train (made by `upcycle convert`).")
@@ -63,13 +65,10 @@ class TrainOptions:
     max_grad_norm: float = _option(1.0, "Gradient clipping norm (0: no clipping).")
     micro_batch_size: int = _option(4, "Sequences per process per forward pass.")
     gradient_accumulation_steps: int = _option(1, "Micro-batches per optimizer step.")
-    block_size: int = _option(128, "Tokens per training sequence.")
+    block_size: int = _option(128, "Tokens per training sequence (and per held-out block).")
     mixed_precision: str = _option("no", "Mixed precision (bf16/fp16 need a GPU).", choices=MIXED_PRECISION)
     activation_checkpointing: bool = _option(False, "Recompute decoder layers in the backward pass to save memory.")
-    seed: int = _option(0, "Seed of the data order and the held-out split.")
     # Data
-    heldout_fraction: float = _option(0.1, "Share of the token blocks kept out of training for evaluation.")
-    max_tokens: int | None = _option(None, "Use at most this many tokens of the data (None: all).")
     eval_max_blocks: int | None = _option(None, "Evaluate on at most this many held-out blocks (None: all).")
     # Checkpoints and logs
     checkpoint_every: int = _option(50, "Save a training checkpoint every N steps (0: never).")
@@ -102,11 +101,10 @@ class TrainOptions:
             raise UpcycleError(f"balance_tau must be in (0, 1], got {self.balance_tau}")
         if not 0.0 <= self.ramp_fraction <= 1.0 or not 0.0 < self.controller_start_share < 1.0:
             raise UpcycleError("ramp_fraction must be in [0, 1] and controller_start_share in (0, 1)")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise UpcycleError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.target_ffn_per_token is not None and self.target_ffn_per_token < 0:
             raise UpcycleError(f"target_ffn_per_token must be 0 or more, got {self.target_ffn_per_token}")
-        for name in ("max_tokens", "eval_max_blocks"):
+        self.validate_data_options()
+        for name in ("eval_max_blocks",):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UpcycleError(f"{name} must be 1 or more (or null), got {getattr(self, name)}")
         return self

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from ..budget.controller import BudgetController
 from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
-from ..data.blocks import load_checkpoint_tokenizer, load_token_blocks
+from ..data.blocks import load_checkpoint_tokenizer
 from ..errors import UpcycleError
 from . import checkpointing
 from .data_order import BlockOrder
@@ -120,12 +120,10 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     # Data: the checkpoint's tokenizer, packed blocks, held-out split
 
     tokenizer = load_checkpoint_tokenizer(options.model)
-    blocks = load_token_blocks(options.data, tokenizer, options.block_size, seed=options.seed,
-                               heldout_fraction=options.heldout_fraction, max_tokens=options.max_tokens)
+    blocks = options.token_blocks(options.data, tokenizer)
     heldout = blocks.heldout
     if options.eval_data:  # every block of a separate held-out text
-        evaluation = load_token_blocks(options.eval_data, tokenizer, options.block_size, seed=options.seed,
-                                       heldout_fraction=options.heldout_fraction)
+        evaluation = options.token_blocks(options.eval_data, tokenizer, max_tokens=None)
         heldout = torch.cat([evaluation.train, evaluation.heldout])
     heldout = heldout[: options.eval_max_blocks] if options.eval_max_blocks else heldout
 

@@ -1,0 +1,1 @@
+"""Step 4, eval: perplexity, KL and paired ratios, routing statistics, training-free baselines, plots."""
