@@ -103,8 +103,8 @@ class ZeroComputationExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(T, D), index (T, k), weights (T, k) float32 -> (T, D): the zero-computation experts' contribution.
 
-        Written with element-wise operations and small reductions only (no scatter, no softmax kernel): on vLLM's
-        CPU backend each of those opens a parallel region, which costs milliseconds on a busy machine.
+        Written with element-wise operations, small reductions and one addmm (no scatter, no softmax kernel): on
+        vLLM's CPU backend those cost milliseconds each even for a few tokens.
         """
         layout = self.layout
         dtype = hidden_states.dtype
@@ -118,8 +118,9 @@ class ZeroComputationExperts(nn.Module):
         ratio_logits = torch.einsum("td,cjd->tcj", hidden_states, self.constant_ratio_weight.to(dtype)).float()
         a1 = torch.sigmoid(ratio_logits[..., 0] - ratio_logits[..., 1])  # (T, C): softmax over the pair
         x_coefficient = x_coefficient + (constant_weights * a1).sum(dim=-1)
-        constant_part = (constant_weights * (1.0 - a1)).to(dtype) @ self.constant_vectors.to(dtype)  # (T, D)
-        return x_coefficient.to(dtype).unsqueeze(-1) * hidden_states + constant_part
+        # x_coefficient * x + (constant weights * a2) @ v, as one multiply and one addmm
+        return torch.addmm(x_coefficient.to(dtype).unsqueeze(-1) * hidden_states,
+                           (constant_weights * (1.0 - a1)).to(dtype), self.constant_vectors.to(dtype))
 
 
 def normalize_top_k_weights(weights: torch.Tensor, index: torch.Tensor, layout: ExpertLayout, renormalize: bool,
@@ -232,10 +233,9 @@ class MoePPSparseBlock(nn.Module):
                         index.reshape(-1).index_select(0, slot_rows).to(torch.int32).unsqueeze(1))
         routed = self.experts(hidden_states.index_select(0, token_rows),
                               logits[:, :n_ffn].index_select(0, token_rows))  # (S, D): one slot per row
-        # Back to (T, k, D) by a gather (slot -> its row, or a zero row), then the sum over slots.
-        position = torch.where(is_ffn, torch.cumsum(is_ffn, dim=0) - 1, n_rows)  # (T*k,)
-        padded = torch.cat([routed.to(output.dtype), output.new_zeros(1, output.shape[1])])  # (S+1, D)
-        return output + padded.index_select(0, position).view(n_tokens, self.top_k, -1).sum(dim=1), logits
+        # Rows back to their tokens, added in place (index_put_ with accumulate: on CPU far cheaper than
+        # index_add_, which costs tens of milliseconds even for a few rows).
+        return output.index_put_((token_rows,), routed.to(output.dtype), accumulate=True), logits
 
 
 def ffn_row_counts(model: nn.Module, reset: bool = False) -> dict[str, dict[str, int]]:
