@@ -77,7 +77,9 @@ class MoePPGate(nn.Module):
         # Every zero-computation expert switched off: no slot can leave the FFN experts, and the probabilities
         # over the FFN experts are the source's softmax (the full budget, e.g. right after `upcycle convert`).
         self.all_switched_off = bool(torch.isneginf(bias).all())
-        self.residual_weight_f32 = None if self.residual_weight is None else self.residual_weight.float()
+        # W_g = 0 (as convert and calibrate leave it) adds nothing: skip it
+        has_residual = self.residual_weight is not None and bool(self.residual_weight.any())
+        self.residual_weight_f32 = self.residual_weight.float() if has_residual else None
 
     def logits(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None) -> torch.Tensor:
         """G_j = W_j x + W_g^j G_{j-1}: (T, D), (T, N+Z) or None -> (T, N+Z) float32 (matmul in the model dtype)."""
@@ -166,6 +168,7 @@ class MoePPSparseBlock(nn.Module):
         self.gate = MoePPGate(layout, hidden_size, has_residual, params_dtype)
         self.zero_computation_experts = ZeroComputationExperts(layout, hidden_size, params_dtype)
         self._routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (weights, ids) for the next FusedMoE call
+        self.pass_logits = True  # whether the next MoE layer reads this layer's G (set after loading)
         self.experts = FusedMoEFactory(
             num_experts=layout.n_ffn,
             top_k=top_k,
@@ -189,10 +192,12 @@ class MoePPSparseBlock(nn.Module):
             weights, ids = self._routed
             self._routed = None
             return weights, ids
-        probabilities = torch.softmax(gating_output.float(), dim=-1)
-        weights, ids = torch.topk(probabilities, topk, dim=-1)
+        # as vLLM's CPU router computes it: top-k of the logits, then their softmax (or exp(l - logsumexp))
+        values, ids = torch.topk(gating_output.float(), topk, dim=-1)
         if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = torch.softmax(values, dim=-1)
+        else:
+            weights = (values - torch.logsumexp(gating_output.float(), dim=-1, keepdim=True)).exp()
         if self.routing_weights_in_input_dtype:
             weights = weights.to(hidden_states.dtype)
         return weights, ids
@@ -201,6 +206,11 @@ class MoePPSparseBlock(nn.Module):
         """(T, D), previous MoE layer's G (T, N+Z) or None -> output (T, D), this layer's G (T, N+Z) float32."""
         n_tokens = hidden_states.shape[0]
         n_ffn = self.layout.n_ffn
+        if self.gate.all_switched_off and self.gate.residual_weight_f32 is None and not self.pass_logits:
+            # The source's layer exactly: its router's N logits, its top-k (no later layer reads this G)
+            self.tokens += n_tokens
+            self.ffn_rows += n_tokens * self.top_k
+            return self.experts(hidden_states, F.linear(hidden_states, self.gate.weight)), None
         logits = self.gate.logits(hidden_states, previous_logits)  # (T, N+Z)
         if self.gate.all_switched_off:
             self.tokens += n_tokens

@@ -210,8 +210,11 @@ class _MoePPForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loader = AutoWeightsLoader(self, ignore_unexpected_suffixes=["rotary_emb.inv_freq"])
         loaded = loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
-        for block in self.moe_blocks():
+        blocks = self.moe_blocks()
+        for block in blocks:
             block.gate.finalize()
+        for block, following in zip(blocks, blocks[1:] + [None]):
+            block.pass_logits = following is not None and following.gate.residual_weight_f32 is not None
         return loaded
 
 
