@@ -60,7 +60,7 @@ def test_outputs_carry_provenance_card_and_tokenizer_files(tmp_path, per_expert_
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
     assert (out / "generation_config.json").is_file()
     record = json.loads((out / "upcycle.json").read_text())
-    assert record["tool"] == "upcycle" and record["source"] == str(per_expert_source)
+    assert record["tool"] == "upcycle" and record["source"] == per_expert_source.name  # no private path
     assert set(record["source_files_sha256"]) == {"model.safetensors"}
     assert len(record["source_files_sha256"]["model.safetensors"]) == 64
     assert record["history"][0]["options"]["n_constant"] == 3

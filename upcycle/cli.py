@@ -288,7 +288,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted; nothing was written", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except click.ClickException as error:
         error.show()
@@ -297,10 +297,18 @@ def main() -> None:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except OSError as error:
         if os.environ.get("UPCYCLE_DEBUG"):
             raise
-        click.echo(f"error: {error.strerror or error} ({error.filename or 'unknown file'})", err=True)
+        import errno  # here, not at the top: this part of the file is the entry point's
+
+        cause = "the disk is full (No space left on device)" if error.errno == errno.ENOSPC else (
+            error.strerror or str(error))
+        where = f" while working on {error.filename}" if error.filename else ""
+        click.echo(f"error: {cause}{where}; nothing partial was left behind", err=True)
         sys.exit(1)
+
+
+INTERRUPTED = "interrupted; nothing partial was left behind (complete outputs and training checkpoints are kept)"

@@ -29,9 +29,16 @@ def mapped_chunks(reader: BinaryIO, chunk_bytes: int) -> Iterator[memoryview]:
     size = os.fstat(reader.fileno()).st_size
     for offset in range(0, size, chunk_bytes):
         length = min(chunk_bytes, size - offset)
-        with mmap.mmap(reader.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as mapped, \
-                memoryview(mapped) as chunk:
+        mapped = mmap.mmap(reader.fileno(), length, offset=offset, access=mmap.ACCESS_READ)
+        chunk = memoryview(mapped)
+        try:
             yield chunk
+        finally:
+            try:
+                chunk.release()
+                mapped.close()
+            except BufferError:  # still exported by a caller that failed mid-write: unmapped when it lets go
+                pass
 
 
 def sha256_of_file(path: Path) -> str:

@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub.repocard_data import ModelCardData  # light: not huggingface_hub's Hub client
 
 from .inspect import CheckpointSummary, inspect_checkpoint
-from .provenance import read_provenance
+from .provenance import LOCAL_FOLDER, path_name, read_provenance, without_private_paths
 from .source_id import is_repo_id
 
 CARD_FILE = "README.md"
@@ -74,7 +74,7 @@ def _license_fields(*readmes: Path) -> dict:
 def _source_dirs(provenance: dict, source_dir: Path | None) -> list[Path]:
     candidates = [source_dir] if source_dir is not None else []
     source = provenance.get("source")
-    if isinstance(source, str) and Path(source).is_dir():
+    if isinstance(source, str) and provenance.get("source_kind") != LOCAL_FOLDER and Path(source).is_dir():
         candidates.append(Path(source))
     return candidates
 
@@ -105,8 +105,7 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _what_was_done(config: dict, summary: CheckpointSummary, provenance: dict, base_model: str | None) -> str:
-    source = provenance.get("source")
-    origin = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"`{source}`"
+    origin = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else _local_origin(provenance)
     if provenance.get("source_commit"):
         origin += f" at commit `{provenance['source_commit']}`"
     steps = [step.get("step", "?") for step in provenance.get("history", [])]
@@ -123,6 +122,15 @@ def _what_was_done(config: dict, summary: CheckpointSummary, provenance: dict, b
         f"or training raises them to lower the number of FFN experts per token.{residual} Zero-expert semantics "
         f"`{semantics}`: {ZERO_SEMANTICS.get(semantics, 'see config.json')}."
     )
+
+
+def _local_origin(provenance: dict) -> str:
+    """A source that is no Hub repo: its folder name and the sha256 of its config (never its path)."""
+    name = path_name(str(provenance.get("source") or "?"))
+    digest = provenance.get("source_config_sha256")
+    if digest:
+        return f"the local folder `{name}` (its config.json has sha256 `{digest[:16]}`)"
+    return f"`{name}`"
 
 
 def _experts_section(summary: CheckpointSummary) -> str:
@@ -221,7 +229,7 @@ def model_card_text(checkpoint_dir: Path, *, name: str | None = None, base_model
     checkpoint = Path(checkpoint_dir)
     summary = inspect_checkpoint(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    provenance = read_provenance(checkpoint) or {}
+    provenance = without_private_paths(read_provenance(checkpoint) or {})  # also for checkpoints of old versions
     previous = read_card_metadata(checkpoint / CARD_FILE)
     source = provenance.get("source")
     base_model = base_model or previous.get("base_model") or (source if looks_like_repo_id(source) else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # PROTO opcode, protocol 2 to 5
+REFUSED = "Weights only load failed"  # torch's weights-only unpickler refusing an instruction or a global
 
 
 def is_zip_checkpoint(path: Path) -> bool:
@@ -29,22 +32,42 @@ def is_zip_checkpoint(path: Path) -> bool:
         return handle.read(4) == ZIP_MAGIC
 
 
+def looks_like_pickle(path: Path) -> bool:
+    """A zip-format torch checkpoint or a raw pickle (protocol 2 or later): what torch.save writes."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start == ZIP_MAGIC or start[:2] in PICKLE_PROTOCOLS
+
+
+def refusal_sentence(path: Path, message: str) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in one sentence: what was refused and why."""
+    needed = re.search(r"GLOBAL ([\w.]+)", message)
+    if needed:
+        return (f"{path.name} was refused: it is a pickle holding objects other than tensors, which needs code to "
+                f"load ({needed.group(1)}); upcycle loads .bin files only as plain weights (torch.load "
+                "weights_only=True), because unpickling anything else can run code: convert it to safetensors "
+                "yourself if you trust it")
+    if REFUSED in message and looks_like_pickle(path):
+        operand = re.search(r"Unsupported operand (\d+)", message)
+        what = f"pickle instruction {operand.group(1)}" if operand else "a pickle instruction"
+        return (f"{path.name} was refused: it is a pickle holding objects other than tensors ({what}, which the "
+                "weights-only loader does not accept); upcycle loads .bin files only as plain weights (torch.load "
+                "weights_only=True), because unpickling anything else can run code: convert it to safetensors "
+                "yourself if you trust it")
+    return f"{path.name} is not a readable PyTorch checkpoint (corrupt, or not a pickle torch.save wrote)"
+
+
 def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
     """Tensor name -> tensor (memory mapped where the format allows); refuses pickles that need code."""
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": the refusal below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip_checkpoint(path))
     except pickle.UnpicklingError as error:
-        needed = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if needed:
-            raise UpcycleError(
-                f"{path.name} is a pickle that needs code to load ({needed.group(1)}); upcycle loads .bin files "
-                "only as plain tensors (torch.load weights_only=True) and refuses it: convert it to safetensors "
-                "yourself if you trust it"
-            ) from error
-        raise UpcycleError(f"{path.name} is not a readable PyTorch checkpoint (corrupt or not a pickle)") from error
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise UpcycleError(refusal_sentence(path, str(error))) from error
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as error:
         raise UpcycleError(f"{path.name} is not a readable PyTorch checkpoint (corrupt or truncated)") from error
     if not isinstance(state, dict) or not all(
         isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()
