@@ -77,6 +77,7 @@ class MoePPGate(nn.Module):
         # Every zero-computation expert switched off: no slot can leave the FFN experts, and the probabilities
         # over the FFN experts are the source's softmax (the full budget, e.g. right after `upcycle convert`).
         self.all_switched_off = bool(torch.isneginf(bias).all())
+        self.copy_or_constant_on = bool((~torch.isneginf(bias[layout.n_zero:])).any())
         # W_g = 0 (as convert and calibrate leave it) adds nothing: skip it
         has_residual = self.residual_weight is not None and bool(self.residual_weight.any())
         self.residual_weight_f32 = self.residual_weight.float() if has_residual else None
@@ -226,7 +227,10 @@ class MoePPSparseBlock(nn.Module):
         gathered = exponentials.gather(-1, index) / denominator  # (T, k)
         weights = normalize_top_k_weights(gathered, index, self.layout, self.renormalize,
                                           self.zero_expert_semantics)  # (T, k) float32
-        output = self.zero_computation_experts(hidden_states, index, weights)
+        # Zero slots add nothing; Copy and Constant slots are computed only when some token selected one.
+        output = None
+        if self.gate.copy_or_constant_on and bool((index >= self.layout.copy_start).any()):
+            output = self.zero_computation_experts(hidden_states, index, weights)
         ffn_weights = weights.to(hidden_states.dtype).float() if self.routing_weights_in_input_dtype else weights
         is_ffn = (index < n_ffn).reshape(-1)  # (T*k,)
         slot_rows = is_ffn.nonzero().squeeze(1)  # (S,): the (token, slot) pairs routed to FFN experts
@@ -235,7 +239,10 @@ class MoePPSparseBlock(nn.Module):
         self.ffn_rows += n_rows
         if n_rows == n_tokens * self.top_k:  # every slot is an FFN slot: the source's call, MoE++ weights
             self._routed = (ffn_weights.contiguous(), index.to(torch.int32).contiguous())
-            return output + self.experts(hidden_states, logits[:, :n_ffn]), logits
+            ffn_output = self.experts(hidden_states, logits[:, :n_ffn])
+            return (ffn_output if output is None else output + ffn_output), logits
+        if output is None:
+            output = torch.zeros_like(hidden_states)
         if n_rows == 0:
             return output, logits
         token_rows = torch.div(slot_rows, self.top_k, rounding_mode="floor")
