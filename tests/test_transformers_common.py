@@ -11,6 +11,7 @@ are our own stand-in (generation_tester.py). Tests that do not apply to the MoE+
 """
 
 import dataclasses
+import functools
 import unittest
 from unittest import mock
 
@@ -204,18 +205,15 @@ class MoePPCommonTests(ModelTesterMixin, GenerationTesterMixin):
         super().test_num_layers_is_small()
 
 
-def deepseek_v2_tp_plan(self):
-    if self.model_tester.fields["q_lora_rank"] is None:
-        self.skipTest("DeepseekV2Config's TP plan names q_b_proj, which a model without q_lora_rank (V2-Lite) does "
-                      "not have: the same in transformers' DeepseekV2Model")
-    MoePPCommonTests.test_tp_plan_matches_params(self)
-
-
 OPENMOE_ROPE = "OpenMoE's RoPE is fixed (base 10000, no scaling), as its checkpoints were trained"
 # Tests that do not apply to a family: test name (or the name of a parameterized family of tests) -> reason.
 FAMILY_SKIPS = {
-    "deepseek_v2": {"test_model_rope_scaling_frequencies": "DeepSeek-V2's rotary embedding returns complex "
-                    "frequencies (one tensor), as transformers' DeepseekV2Model does"},
+    "deepseek_v2": {
+        "test_model_rope_scaling_frequencies": "DeepSeek-V2's rotary embedding returns complex frequencies (one "
+                                               "tensor), as transformers' DeepseekV2Model does",
+        "test_tp_plan_matches_params": "DeepseekV2Config's TP plan names both q_proj and q_b_proj, a model has one "
+                                       "of them (with or without q_lora_rank): the same in transformers' DeepseekV2Model",
+    },
     "openmoe": {
         "test_model_rope_scaling_from_config": OPENMOE_ROPE,
         "test_model_rope_scaling_frequencies": OPENMOE_ROPE,
@@ -226,8 +224,6 @@ FAMILY_SKIPS = {
 }
 FAMILY_SKIPS["deepseek_v2_group_limited"] = FAMILY_SKIPS["deepseek_v2"]
 FAMILY_ATTRIBUTES = {
-    "deepseek_v2": {"test_tp_plan_matches_params": deepseek_v2_tp_plan},
-    "deepseek_v2_group_limited": {"test_tp_plan_matches_params": deepseek_v2_tp_plan},
     # OpenMoE's own attention (no 1/sqrt(d), key 0 always visible) returns no attention weights
     "openmoe": {"has_attentions": False},
 }
@@ -241,12 +237,37 @@ def skipped(reason: str):
     return test
 
 
+# The default (not slow) run: Mixtral as converted runs every test; every other class runs these, which cover what
+# the MoE++ design touches (outputs and return_dict, router logits and aux loss, training and checkpointing, weight
+# init and saving, padding and batching, generation with and without cache). `-m slow` runs the rest.
+FULLY_IN_DEFAULT_RUN = {("mixtral", False)}
+DEFAULT_RUN = (
+    "test_model_outputs_equivalence", "test_output_router_logits_from_config", "test_training_gradient_checkpointing",
+    "test_save_load", "test_can_init_all_missing_weights", "test_batching_equivalence",
+    "test_greedy_generate_matches_argmax_loop", "test_generate_continue_from_cache", "test_left_padding_compatibility",
+)
+
+
+def slow_copy(test):
+    """The test, marked slow for this class only (the mixin's function is shared by every class)."""
+
+    @functools.wraps(test)
+    def slow_test(self, *args, **kwargs):
+        return test(self, *args, **kwargs)
+
+    return pytest.mark.slow(slow_test)
+
+
 def make_test_class(family: Family, switched_on: bool) -> type:
     name = "Test" + "".join(part.capitalize() for part in family.name.split("_")) + (
         "SwitchedOn" if switched_on else "Converted")
     attributes = {"family": family, "switched_on": switched_on} | FAMILY_ATTRIBUTES.get(family.name, {})
     for prefix, reason in FAMILY_SKIPS.get(family.name, {}).items():
         attributes |= {test: skipped(reason) for test in dir(MoePPCommonTests) if test.startswith(prefix)}
+    if (family.name, switched_on) not in FULLY_IN_DEFAULT_RUN:
+        for test in dir(MoePPCommonTests):
+            if test.startswith("test_") and not test.startswith(DEFAULT_RUN):
+                attributes[test] = slow_copy(attributes.get(test, getattr(MoePPCommonTests, test)))
     return type(name, (MoePPCommonTests, unittest.TestCase), attributes)
 
 

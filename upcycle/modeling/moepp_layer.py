@@ -71,7 +71,9 @@ class MoePPRouter(nn.Module):
         self.zero_expert_semantics = zero_expert_semantics
         self.scaling_factor = scaling_factor  # DeepSeek's routed_scaling_factor; 1.0 elsewhere
         self.logits_in_float32 = logits_in_float32  # DeepSeek computes router logits in fp32
-        self.weight = nn.Parameter(torch.empty(layout.n_ffn, hidden_size))  # (N, D) source router
+        # (N, D) source router; DeepSeek keeps it in fp32 whatever the model dtype (`_keep_in_fp32_modules_strict`)
+        self.weight = nn.Parameter(torch.empty(layout.n_ffn, hidden_size,
+                                               dtype=torch.float32 if logits_in_float32 else None))
         # (Z, D) zero rows: zero-computation logits start at 0, and the -inf selection bias keeps them unselected
         self.zero_computation_weight = nn.Parameter(torch.zeros(layout.n_zero_computation, hidden_size))
         # (N+Z, N+Z) gating residual W_g, zero: G_j = W_j x + 0 * G_{j-1} equals the source logits
