@@ -1,5 +1,6 @@
-"""Every family that convert accepts, through every command: convert -> calibrate to 1.5 -> eval (the held-out
-budget within 0.1 of the target) -> train a few steps (each trainable set on some family) -> eval, on a tiny
+"""Every family that convert accepts, through every command: convert (then both training-free baselines fitted to
+1.5 on the converted model) -> calibrate to 1.5 -> eval (the held-out budget within 0.1 of the target) -> train a
+few steps (each trainable set on some family) -> eval, on a tiny
 model of the family built by transformers' own classes (OpenMoE: the project's), with a real BPE tokenizer and
 real text (the standard library's documentation).
 
@@ -96,7 +97,24 @@ def test_every_family_through_every_command(capsys, tmp_path, chain_inputs, name
         assert result.exit_code == 0, f"upcycle {command[0]}: {result.stderr}"
         if command[0] == "eval":
             evaluations.append(result.stdout)
+        if command[0] == "convert":
+            check_baselines(tmp_path / "moepp", corpus)
     check_evaluations(evaluations, tmp_path)
+
+
+def check_baselines(moepp: Path, corpus: Path) -> None:
+    """Both training-free baselines run on the family's converted model and hold the budget on held-out text."""
+    from upcycle.checkpoint.loading import load_causal_lm
+    from upcycle.data.blocks import load_checkpoint_tokenizer, load_token_blocks
+    from upcycle.evaluation.baselines import BASELINES, fit_knob, measure
+
+    tokenizer = load_checkpoint_tokenizer(moepp)
+    fit = load_token_blocks(corpus / "train.txt", tokenizer, 64, max_tokens=20_000).train[:32]
+    heldout = load_token_blocks(corpus / "heldout.txt", tokenizer, 64, max_tokens=20_000).heldout[:32]
+    model = load_causal_lm(moepp)
+    for rule in BASELINES:
+        knob = fit_knob(model, fit, rule, TARGET, steps=10)
+        assert abs(measure(model, heldout, rule, knob) - TARGET) <= 0.15, rule
 
 
 def installed_chain(tmp_path: Path, chain_inputs, name: str) -> None:
