@@ -63,6 +63,12 @@ def test_fitted_knob_hits_the_target(tmp_path, family):
     for rule in ("dynamic_skipping", "top_p"):
         knob = fit_knob(model, blocks, rule, target=1.5)
         assert abs(measure(model, blocks, rule, knob) - 1.5) < 0.05
+        with torch.no_grad(), variable_k_routing(model, rule, knob) as counter:
+            model(blocks)
+        histogram = counter.ffn_experts_histogram  # how the baseline spends compute: 1 or 2 FFN experts, never 0
+        assert histogram["0"] == 0.0 and sum(histogram.values()) == pytest.approx(1.0)
+        assert sum(int(count) * share for count, share in histogram.items()) == pytest.approx(
+            counter.ffn_experts_per_token)
 
 
 def test_a_source_model_is_refused_in_one_sentence():

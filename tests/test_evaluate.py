@@ -66,6 +66,29 @@ def test_converted_model_evaluates_like_its_source(models, heldout):
         assert ours.ffn_load_cv == pytest.approx(theirs.ffn_load_cv, rel=1e-6)
 
 
+def test_histogram_of_ffn_experts_is_a_direct_count(models, heldout, trained_moepp):
+    """How compute is spent: shares of (token, layer) pairs using 0, 1, 2 FFN experts, against a count of each
+    layer's own selection; a source spends k everywhere."""
+    source, _ = models
+    model = load_causal_lm(trained_moepp)
+    calibrate_model(model, list(heldout.split(8)), target=1.0)
+    report = evaluate_model(model, heldout, batch_size=8)
+    with torch.no_grad():
+        router_logits = model(heldout, output_router_logits=True).router_logits
+    direct = torch.zeros(3)
+    for block, logits, layer in zip(model.moe_blocks(), router_logits, report.per_layer, strict=True):
+        used = (block.gate.select_experts(logits.float()) < block.layout.n_ffn).sum(dim=-1)  # (T,)
+        counts = torch.bincount(used, minlength=3).float()  # (3,) tokens using 0, 1, 2 FFN experts
+        assert list(layer.ffn_experts_histogram.values()) == pytest.approx((counts / used.numel()).tolist(), abs=1e-6)
+        direct += counts
+    direct /= direct.sum()
+    assert list(report.ffn_experts_histogram) == ["0", "1", "2"]
+    assert list(report.ffn_experts_histogram.values()) == pytest.approx(direct.tolist(), abs=1e-6)
+    mean = sum(int(count) * share for count, share in report.ffn_experts_histogram.items())
+    assert mean == pytest.approx(report.ffn_experts_per_token, abs=1e-6)
+    assert evaluate_model(source, heldout[:2]).ffn_experts_histogram == {"0": 0.0, "1": 0.0, "2": 1.0}
+
+
 def test_budget_shows_in_every_metric(models, heldout, trained_moepp):
     source, _ = models
     model = load_causal_lm(trained_moepp)

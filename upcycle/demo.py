@@ -66,7 +66,8 @@ class Progress:
 def summary(report, label: str) -> dict:
     return {"label": label, "perplexity": report.perplexity, "perplexity_interval_95": report.perplexity_interval_95,
             "ffn_experts_per_token": report.ffn_experts_per_token, "kl_to_source": report.kl_to_source,
-            "zero_computation_share": report.zero_computation_share}
+            "zero_computation_share": report.zero_computation_share,
+            "ffn_experts_histogram": report.ffn_experts_histogram}
 
 
 def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> dict:
@@ -80,6 +81,7 @@ def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, t
         with variable_k_routing(converted, rule, knob) as counter:
             report = evaluate_model(converted, heldout)
         result = summary(report, "baseline") | {"ffn_experts_per_token": counter.ffn_experts_per_token,
+                                                "ffn_experts_histogram": counter.ffn_experts_histogram,
                                                 "rule": rule, "knob": knob}
         candidates.append(result)
     return min(candidates, key=lambda result: result["perplexity"])

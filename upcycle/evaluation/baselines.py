@@ -30,10 +30,25 @@ class RoutingCounter:
 
     slots: float = 0.0
     token_layers: float = 0.0
+    used_counts: torch.Tensor | None = None  # (k+1,) (token, layer) pairs that used 0..k FFN experts
 
     @property
     def ffn_experts_per_token(self) -> float:
         return self.slots / max(self.token_layers, 1.0)
+
+    @property
+    def ffn_experts_histogram(self) -> dict[str, float]:
+        """"0".."k" -> share of (token, layer) pairs that used that many FFN experts."""
+        if self.used_counts is None:
+            return {}
+        return {str(count): share for count, share in enumerate((self.used_counts / self.token_layers).tolist())}
+
+    def add(self, ffn_used: torch.Tensor, top_k: int) -> None:
+        """ffn_used (T,): FFN experts each token kept in one layer."""
+        counts = torch.bincount(ffn_used.cpu(), minlength=top_k + 1).double()  # (k+1,)
+        self.used_counts = counts if self.used_counts is None else self.used_counts + counts
+        self.slots += ffn_used.sum().item()
+        self.token_layers += ffn_used.shape[0]
 
 
 def keep_mask(probabilities: torch.Tensor, rule: str, knob: float) -> torch.Tensor:
@@ -66,8 +81,7 @@ def _variable_k_forward(router, rule: str, knob: float, counter: RoutingCounter)
         kept = weights * keep
         if router.renormalize:  # the family's router renormalises its top-k: the kept slots share the same total
             kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1e-30))
-        counter.slots += (keep & is_ffn).sum().item()
-        counter.token_layers += index.shape[0]
+        counter.add((keep & is_ffn).sum(dim=-1), router.top_k)
         return logits, kept, index.masked_fill(~keep, n_ffn)  # dropped: a zero-computation slot of weight 0
 
     return forward

@@ -4,6 +4,8 @@ On packed held-out token blocks (upcycle.data), `evaluate_model` measures:
 - perplexity: exp of the mean next-token cross-entropy over every predicted token (L - 1 per block), with a 95%
   interval from the spread of per-block losses (blocks are treated as independent samples);
 - FFN experts per token, overall (mean over MoE layers) and per layer; for a source model this is its top-k;
+- how compute is spent: the share of (token, MoE layer) pairs that used 0, 1, ..., k FFN experts, overall and
+  per layer (`ffn_experts_histogram`; a source puts everything at k, top-1 routing everything at 1);
 - the share of each zero-computation type: of the k routing slots per token, the share that went to Zero, Copy
   and Constant experts (so ffn_share + the three shares = 1 and ffn_experts_per_token = k * ffn_share);
 - FFN load balance: the coefficient of variation (population std / mean) of the FFN experts' loads (slots each
@@ -43,6 +45,7 @@ class LayerEval:
     copy_share: float
     constant_share: float
     ffn_load_cv: float
+    ffn_experts_histogram: dict[str, float] = field(default_factory=dict)  # "0".."k" -> share of tokens
 
 
 @dataclass
@@ -60,6 +63,8 @@ class EvalReport:
     ffn_load_cv: float | None
     kl_to_source: float | None
     per_layer: list[LayerEval] = field(default_factory=list)
+    # "0".."k" -> share of (token, MoE layer) pairs that used that many FFN experts (None: no routing seen)
+    ffn_experts_histogram: dict[str, float] | None = None
     # model perplexity / source perplexity on the same blocks, and its 95% bootstrap interval (None: no source)
     perplexity_ratio_to_source: float | None = None
     perplexity_ratio_to_source_interval_95: tuple[float, float] | None = None
@@ -114,11 +119,18 @@ class _RoutingTotals:
 
     def __init__(self):
         self.slot_counts: torch.Tensor | None = None  # (L, E)
+        self.used_counts: torch.Tensor | None = None  # (L, k+1) tokens that used 0..k FFN experts
         self.tokens = 0
 
-    def add(self, slot_counts: torch.Tensor, tokens: int) -> None:
+    def add(self, slot_counts: torch.Tensor, used_counts: torch.Tensor, tokens: int) -> None:
         self.slot_counts = slot_counts if self.slot_counts is None else self.slot_counts + slot_counts
+        self.used_counts = used_counts if self.used_counts is None else self.used_counts + used_counts
         self.tokens += tokens
+
+
+def _histogram(shares: torch.Tensor) -> dict[str, float]:
+    """(k+1,) shares -> {"0": share, ..., "k": share}."""
+    return {str(count): share for count, share in enumerate(shares.tolist())}
 
 
 def _moepp_slot_counts(output, tokens: int, top_k: int) -> torch.Tensor:
@@ -199,7 +211,12 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
                 counts = (_moepp_slot_counts(output, batch.numel(), top_k) if is_moepp
                           else _source_slot_counts(output, top_k))
                 if counts is not None:
-                    totals.add(counts, batch.numel())
+                    if is_moepp:  # (L, k+1) tokens using 0..k FFN experts
+                        used = output.routing_statistics["ffn_experts_histogram"].double().cpu() * batch.numel()
+                    else:  # a source: every token uses k FFN experts in every MoE layer
+                        used = torch.zeros(counts.shape[0], top_k + 1, dtype=torch.float64)
+                        used[:, top_k] = batch.numel()
+                    totals.add(counts, used, batch.numel())
             if source_model is not None:
                 source_device = next(source_model.parameters()).device
                 source_logits = source_model(batch.to(source_device), use_cache=False).logits.to(device)
@@ -215,6 +232,8 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
     per_layer = []
     if totals.slot_counts is not None:
         per_layer = _layer_evals(totals, layout, top_k, _moe_layer_indices(model, totals.slot_counts.shape[0]))
+        for layer, used in zip(per_layer, totals.used_counts):
+            layer.ffn_experts_histogram = _histogram(used / totals.tokens)
     mean = (lambda values: sum(values) / len(values)) if per_layer else (lambda values: None)
     ratio, ratio_interval = (paired_ratio(losses, torch.cat(source_block_losses).double())
                              if source_model is not None else (None, None))
@@ -233,6 +252,8 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
         ffn_load_cv=mean([layer.ffn_load_cv for layer in per_layer]),
         kl_to_source=kl_sum / kl_tokens if source_model is not None else None,
         per_layer=per_layer,
+        ffn_experts_histogram=(_histogram(totals.used_counts.sum(dim=0) / totals.used_counts.sum())
+                               if totals.used_counts is not None else None),
         perplexity_ratio_to_source=ratio,
         perplexity_ratio_to_source_interval_95=ratio_interval,
     )
@@ -272,6 +293,9 @@ def format_report(report: EvalReport) -> str:
         shares = ", ".join(f"{kind} {value:.3f}" for kind, value in report.zero_computation_share.items())
         lines.append(f"FFN experts per token {report.ffn_experts_per_token:.3f} (top-{report.top_k}); "
                      f"zero-computation share of slots: {shares}; FFN load CV {report.ffn_load_cv:.3f}")
+    if report.ffn_experts_histogram is not None:
+        shares = ", ".join(f"{count}: {100 * share:.1f}%" for count, share in report.ffn_experts_histogram.items())
+        lines.append(f"(token, layer) pairs by FFN experts used: {shares}")
     if report.kl_to_source is not None:
         lines.append(f"KL(source || model) {report.kl_to_source:.4g} nats per token")
     if report.perplexity_ratio_to_source is not None:

@@ -264,7 +264,8 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     router_logits: one (T, N+Z) tensor per MoE layer; token_mask (T,) of 1 for real tokens, or None.
     routers: the MoE layers' routers; when given, selection and probabilities are the family's own
     (`MoePPRouter.select_experts`, `routing_probabilities`), else the softmax router's.
-    Returns tensors of shape (L,) per statistic, and `balance_loss` (scalar), transformers' load-balancing loss
+    Returns tensors of shape (L,) per statistic (`expert_share` (L, N+Z); `ffn_experts_histogram` (L, k+1): the
+    share of real tokens using 0..k FFN experts), and `balance_loss` (scalar), transformers' load-balancing loss
     (`load_balancing_loss_func` of Mixtral, Qwen-MoE, OLMoE) made heterogeneous:
     L_b = N_on * sum_i eta_i F_i P_i, eta_i = 1 for FFN experts and tau for zero-computation experts,
     F_i = share of tokens that chose expert i and P_i = mean router probability of expert i, both over the real
@@ -282,6 +283,7 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     per_layer: dict[str, list[torch.Tensor]] = {f"{kind}_share": [] for kind in kinds}
     per_layer["ffn_experts_per_token"] = []
     per_layer["expert_share"] = []
+    per_layer["ffn_experts_histogram"] = []
     routers = routers if routers is not None else [None] * len(router_logits)
     slot_total = torch.zeros(layout.n_total)  # (N+Z,) routed slots per expert, real tokens of all layers
     probability_total = torch.zeros(layout.n_total)  # (N+Z,) summed router probabilities, likewise
@@ -309,6 +311,9 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
         for kind, (start, end) in kinds.items():
             per_layer[f"{kind}_share"].append(expert_share[start:end].sum())
         per_layer["ffn_experts_per_token"].append(per_layer["ffn_share"][-1] * top_k)
+        ffn_used = (index < layout.n_ffn).sum(dim=-1)  # (T,) FFN experts each token uses in this layer
+        used_counts = (F.one_hot(ffn_used, top_k + 1).float() * mask[:, None]).sum(dim=0)  # (k+1,)
+        per_layer["ffn_experts_histogram"].append(used_counts / n_tokens)  # share of tokens using 0..k
     stats = {name: torch.stack(values) for name, values in per_layer.items()}
     token_total = token_total.clamp_min(1.0)
     token_share = slot_total / token_total  # (N+Z,) F_i, sums to k
