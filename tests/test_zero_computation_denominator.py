@@ -145,3 +145,21 @@ def test_conversion_writes_ffn_only_and_old_configs_keep_switched_on():
     assert MoePPOlmoeConfig(**old).zero_computation_denominator == "switched_on"
     with pytest.raises(Exception, match="zero_computation_denominator"):
         MoePPOlmoeConfig(**(old | {"zero_computation_denominator": "ffn"}))
+
+
+def test_convert_chooses_the_denominator_and_the_card_says_which(capsys, tmp_path):
+    """`upcycle convert --denominator switched_on` writes it; the card names the denominator in plain words."""
+    import json
+
+    from cli_runner import run_cli
+    from test_families import tiny_source
+
+    tiny_source(FAMILIES["qwen2_moe"]).save_pretrained(tmp_path / "src")
+    for choice in ("ffn_only", "switched_on"):
+        flags = [] if choice == "ffn_only" else ["--denominator", choice]
+        result = run_cli(capsys, "convert", tmp_path / "src", tmp_path / choice, *flags)
+        assert result.exit_code == 0, result.stderr
+        assert json.loads((tmp_path / choice / "config.json").read_text())["zero_computation_denominator"] == choice
+        assert f"Denominator `{choice}`" in (tmp_path / choice / "README.md").read_text()
+    refused = run_cli(capsys, "convert", tmp_path / "src", tmp_path / "bad", "--denominator", "ffn")
+    assert refused.exit_code != 0 and not (tmp_path / "bad").exists()

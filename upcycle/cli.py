@@ -62,6 +62,11 @@ def cli() -> None:
               type=click.Choice(["drop_and_renormalize", "keep_weight"]),
               help="What a selected Zero expert does (default: drop_and_renormalize for families that renormalise "
                    "their top-k weights, keep_weight otherwise).")
+@click.option("--denominator", "zero_computation_denominator", default="ffn_only", show_default=True,
+              type=click.Choice(["ffn_only", "switched_on"]),
+              help="FFN experts' weights: ffn_only keeps the source's softmax over FFN experts whatever is switched "
+                   "on (better measured, docs/layer-math.md); switched_on shares one softmax with the "
+                   "zero-computation experts. No effect on families that renormalise their top-k.")
 @click.option("--link", type=click.Choice(["auto", "reflink", "hard", "copy"]), default="auto", show_default=True,
               help="Unchanged shards: auto (reflink, else copy), reflink, hard (the output shares the source's "
                    "files: editing one edits both) or copy.")

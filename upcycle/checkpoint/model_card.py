@@ -43,6 +43,11 @@ ZERO_SEMANTICS = {
                             "renormalised (as in the official MoE++ 7B)",
     "keep_weight": "a selected Zero expert keeps its routing weight, so the other selected experts are scaled down",
 }
+DENOMINATORS = {
+    "ffn_only": "FFN experts' weights come from the source's softmax over FFN experts alone, zero-computation "
+                "experts' from the softmax over every switched-on expert",
+    "switched_on": "one softmax over the FFN experts and the switched-on zero-computation experts",
+}
 
 
 def looks_like_repo_id(source: str | None) -> bool:
@@ -112,6 +117,7 @@ def _what_was_done(config: dict, summary: CheckpointSummary, provenance: dict, b
     residual = (" Consecutive MoE layers are linked by a gating residual (the router adds a learned map of the "
                 "previous layer's router logits, zero at conversion).") if config.get("gating_residual") else ""
     semantics = config.get("zero_expert_semantics", "drop_and_renormalize")
+    denominator = config.get("zero_computation_denominator", "switched_on")
     return (
         f"An MoE++ model made by upcycle from {origin} ({summary.family}), through: "
         f"{', '.join(steps) or 'convert'}.\n\n"
@@ -120,7 +126,8 @@ def _what_was_done(config: dict, summary: CheckpointSummary, provenance: dict, b
         f"picks them. A per-expert selection bias (a saved buffer, the budget knob) decides how often they win: "
         f"right after `upcycle convert` every bias is -inf, so the model computes what the source did; calibration "
         f"or training raises them to lower the number of FFN experts per token.{residual} Zero-expert semantics "
-        f"`{semantics}`: {ZERO_SEMANTICS.get(semantics, 'see config.json')}."
+        f"`{semantics}`: {ZERO_SEMANTICS.get(semantics, 'see config.json')}. Denominator `{denominator}`: "
+        f"{DENOMINATORS.get(denominator, 'see config.json')}."
     )
 
 

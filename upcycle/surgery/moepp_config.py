@@ -5,8 +5,10 @@ from .plan import ConversionPlan
 
 
 def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: bool,
-                 zero_expert_semantics: str | None = None) -> dict:
-    """None semantics: the family's default (drop_and_renormalize if it renormalises, keep_weight otherwise)."""
+                 zero_expert_semantics: str | None = None, zero_computation_denominator: str = "ffn_only") -> dict:
+    """None semantics: the family's default (drop_and_renormalize if it renormalises, keep_weight otherwise).
+    The denominator: ffn_only (FFN weights keep the source's softmax whatever is switched on; measured better on a
+    non-renormalising family, docs/layer-math.md) or switched_on (one softmax over every switched-on expert)."""
     spec = plan.spec
     if zero_expert_semantics is None:
         zero_expert_semantics = spec.default_zero_expert_semantics(source_config)
@@ -25,8 +27,7 @@ def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: boo
         balance_tau=MoePPFields.balance_tau,
         balance_loss_coef=MoePPFields.balance_loss_coef,
         zero_expert_semantics=zero_expert_semantics,
-        # FFN weights keep the source's softmax whatever is switched on (docs/layer-math.md, measured better)
-        zero_computation_denominator="ffn_only",
+        zero_computation_denominator=zero_computation_denominator,
         source_model_type=source_config.get("model_type", spec.name),
     )
     return config
