@@ -12,7 +12,7 @@ from transformers import MixtralForCausalLM
 
 from upcycle.budget.calibrate import calibrate_model
 from upcycle.checkpoint.loading import load_causal_lm
-from upcycle.data.blocks import load_token_blocks
+from upcycle.data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from upcycle.evaluation.evaluate import evaluate_model
 
 BLOCK_SIZE = 64
@@ -174,3 +174,30 @@ def _small_config():
 
     return MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
+
+
+def test_eval_cli_runs_a_training_free_baseline(capsys, trained_moepp, trained_mixtral, text_corpus):
+    """`upcycle eval --baseline RULE --target-ffn-per-token F`: the rule's knob fitted on the train blocks, held-out
+    perplexity and compute under that rule, equal to running the rule in-process with the same knob."""
+    from upcycle.evaluation.baselines import variable_k_routing
+
+    args = ("--data", text_corpus / "heldout.txt", "--block-size", "32", "--max-blocks", "6", "--max-tokens", "5000")
+    result = run_cli(capsys, "eval", trained_moepp, *args, "--baseline", "top_p", "--target-ffn-per-token", "1.5",
+                     "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["baseline"]["rule"] == "top_p" and report["baseline"]["target"] == 1.5
+    assert abs(report["ffn_experts_per_token"] - 1.5) < 0.15
+    assert report["ffn_experts_histogram"]["0"] == 0.0 and report["per_layer"] == []
+    model = load_causal_lm(trained_moepp)
+    blocks = load_token_blocks(text_corpus / "heldout.txt", load_checkpoint_tokenizer(trained_moepp), 32,
+                               max_tokens=5000)
+    with variable_k_routing(model, "top_p", report["baseline"]["knob"]):
+        direct = evaluate_model(model, blocks.heldout[:6])
+    assert report["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
+    for bad, message in ((("--baseline", "top_p"), "go together"),
+                         (("--baseline", "top_p", "--target-ffn-per-token", "0.5"), "between 1 and 2")):
+        refused = run_cli(capsys, "eval", trained_moepp, *args, *bad)
+        assert refused.exit_code == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+    refused = run_cli(capsys, "eval", trained_mixtral, *args, "--baseline", "top_p", "--target-ffn-per-token", "1.5")
+    assert refused.exit_code == 1 and "convert the source first" in refused.stderr

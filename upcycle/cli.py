@@ -206,12 +206,24 @@ def calibrate(checkpoint, target, output, data, batches, priority, overwrite, **
 @click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Evaluate at most this many blocks.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write per-layer plots (PNG) into this folder.")
+@click.option("--baseline", type=click.Choice(["dynamic_skipping", "top_p"]), default=None,
+              help="Evaluate a training-free rule on a converted checkpoint instead of its own routing (with "
+                   "--target-ffn-per-token): the control MoE++ must beat at the same compute.")
+@click.option("--target-ffn-per-token", type=float, default=None,
+              help="The baseline's budget: its threshold or p is fitted to it on the data's train blocks.")
+@click.option("--fit-blocks", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Train blocks the baseline's knob is fitted on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, data, source, max_blocks, plots_dir, as_json, **data_settings) -> None:
-    """Perplexity, FFN experts per token, zero-computation shares, load balance (and KL to SOURCE) on held-out text."""
+def evaluate(checkpoint, data, source, max_blocks, plots_dir, baseline, target_ffn_per_token, fit_blocks, as_json,
+             **data_settings) -> None:
+    """Perplexity, FFN experts per token and how they are spent, zero-computation shares, load balance (and KL to
+    SOURCE) on held-out text; or a training-free baseline's (--baseline) on a converted checkpoint."""
     from .evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_report
 
-    options = EvalOptions(max_blocks=max_blocks, **data_settings)
+    if baseline is not None and plots_dir is not None:
+        raise UpcycleError("--plots draws the model's own per-layer routing; drop it with --baseline")
+    options = EvalOptions(max_blocks=max_blocks, baseline=baseline, target_ffn_per_token=target_ffn_per_token,
+                          fit_blocks=fit_blocks, **data_settings)
     report = evaluate_checkpoint(checkpoint, data, source, options)
     result = report.as_dict()
     if plots_dir is not None:

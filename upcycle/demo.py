@@ -19,8 +19,8 @@ from .checkpoint.output_dir import atomic_output_dir
 from .data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from .data.corpus import write_corpus
 from .errors import UpcycleError
-from .evaluation.baselines import BASELINES, fit_knob, variable_k_routing
-from .evaluation.evaluate import evaluate_model
+from .evaluation.baselines import BASELINES
+from .evaluation.evaluate import evaluate_baseline, evaluate_model
 from .evaluation.plots import write_eval_plots, write_quality_vs_compute
 from .evaluation.token_kinds import ffn_experts_by_token_kind
 from .surgery.convert import ConvertOptions, convert
@@ -77,13 +77,8 @@ def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, t
     """
     candidates = []
     for rule in BASELINES:
-        knob = fit_knob(converted, calibration, rule, target)
-        with variable_k_routing(converted, rule, knob) as counter:
-            report = evaluate_model(converted, heldout)
-        result = summary(report, "baseline") | {"ffn_experts_per_token": counter.ffn_experts_per_token,
-                                                "ffn_experts_histogram": counter.ffn_experts_histogram,
-                                                "rule": rule, "knob": knob}
-        candidates.append(result)
+        report = evaluate_baseline(converted, calibration, heldout, rule, target)
+        candidates.append(summary(report, "baseline") | {"rule": rule, "knob": report.baseline["knob"]})
     return min(candidates, key=lambda result: result["perplexity"])
 
 

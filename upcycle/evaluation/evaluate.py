@@ -19,6 +19,7 @@ the top-k of the router logits it returns, which is its selection for softmax-to
 OLMoE).
 """
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from ..converters import family_for_config
 from ..data.blocks import load_checkpoint_tokenizer
 from ..data.options import DataOptions
 from ..errors import UpcycleError
+from .baselines import BASELINES, fit_knob, variable_k_routing
 
 ZERO_COMPUTATION_TYPES = ("zero", "copy", "constant")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -68,6 +70,8 @@ class EvalReport:
     # model perplexity / source perplexity on the same blocks, and its 95% bootstrap interval (None: no source)
     perplexity_ratio_to_source: float | None = None
     perplexity_ratio_to_source_interval_95: tuple[float, float] | None = None
+    # a training-free baseline's routing ({"rule", "knob", "target"}), None for the model's own routing
+    baseline: dict | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -259,12 +263,38 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
     )
 
 
+def evaluate_baseline(model, fit_blocks: torch.Tensor, heldout: torch.Tensor, rule: str, target: float,
+                      source_model=None, batch_size: int = 8) -> EvalReport:
+    """A training-free rule at a budget: the knob fitted on `fit_blocks`, then `evaluate_model` on `heldout`
+    with the rule routing. FFN experts per token and their histogram are the rule's (its counter); per-layer
+    routing and the zero-computation shares, which the model's own statistics would report, are left out."""
+    if rule not in BASELINES:
+        raise UpcycleError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
+    top_k = model.moe_blocks()[0].gate.top_k if hasattr(model, "moe_blocks") else None
+    if top_k is not None and not 1 <= target <= top_k:
+        raise UpcycleError(f"a training-free baseline keeps between 1 and {top_k} FFN experts per token; "
+                           f"got a target of {target:g}")
+    knob = fit_knob(model, fit_blocks, rule, target)
+    with variable_k_routing(model, rule, knob) as counter:
+        report = evaluate_model(model, heldout, source_model, batch_size)
+    return dataclasses.replace(
+        report, ffn_experts_per_token=counter.ffn_experts_per_token,
+        ffn_experts_histogram=counter.ffn_experts_histogram, per_layer=[], ffn_load_cv=None,
+        zero_computation_share={kind: 0.0 for kind in report.zero_computation_share},
+        baseline={"rule": rule, "knob": knob, "target": target},
+    )
+
+
+
 @dataclass(kw_only=True)
 class EvalOptions(DataOptions):
     """Every option of `upcycle eval` (the data options are upcycle.data.options.DataOptions')."""
 
     batch_size: int = 8
     max_blocks: int | None = None
+    baseline: str | None = None  # dynamic_skipping or top_p: evaluate that training-free rule instead
+    target_ffn_per_token: float | None = None  # the baseline's budget (its knob is fitted on the train blocks)
+    fit_blocks: int = 32  # train blocks the baseline's knob is fitted on
 
 
 def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
@@ -274,12 +304,17 @@ def evaluate_checkpoint(checkpoint: Path, data: str, source: Path | None = None,
     options = options or EvalOptions()
     if options.batch_size < 1:
         raise UpcycleError("--batch-size must be at least 1")
+    if (options.baseline is None) != (options.target_ffn_per_token is None):
+        raise UpcycleError("--baseline and --target-ffn-per-token go together: a training-free rule at a budget")
     options.validate_data_options()
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     model = load_causal_lm(Path(checkpoint))
     source_model = load_causal_lm(Path(source)) if source is not None else None
     blocks = options.token_blocks(data, tokenizer)
     heldout = blocks.heldout if options.max_blocks is None else blocks.heldout[: options.max_blocks]
+    if options.baseline is not None:
+        return evaluate_baseline(model, blocks.train[: options.fit_blocks], heldout, options.baseline,
+                                 options.target_ffn_per_token, source_model, options.batch_size)
     return evaluate_model(model, heldout, source_model, options.batch_size)
 
 
@@ -302,6 +337,9 @@ def format_report(report: EvalReport) -> str:
         ratio_low, ratio_high = report.perplexity_ratio_to_source_interval_95
         lines.append(f"perplexity / source's on the same blocks {report.perplexity_ratio_to_source:.4f} "
                      f"(95% interval {ratio_low:.4f}-{ratio_high:.4f}, paired)")
+    if report.baseline is not None:
+        lines.append(f"training-free baseline {report.baseline['rule']} (knob {report.baseline['knob']:.4g}, fitted to "
+                     f"{report.baseline['target']:g} FFN experts per token on the train blocks)")
     for layer in report.per_layer:
         lines.append(f"  layer {layer.layer:>3}: {layer.ffn_experts_per_token:.3f} FFN experts per token, zero "
                      f"{layer.zero_share:.3f}, copy {layer.copy_share:.3f}, constant {layer.constant_share:.3f}, "
