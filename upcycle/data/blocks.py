@@ -24,6 +24,7 @@ import torch
 from ..checkpoint.loading import register_auto_classes
 from ..errors import UpcycleError
 from .corpus import stable_fraction
+from .options import check_data_settings
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 DOCUMENT_BREAK = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")  # two or more blank lines
@@ -182,12 +183,7 @@ def load_token_blocks(data_path: str | Path, tokenizer, block_size: int, seed: i
     tiny documents), the last blocks of the stream (a heldout_fraction of them, at least one) are held out.
     max_tokens caps the tokens read (documents in order), so a large dataset need not be tokenized whole.
     """
-    if block_size < 2:
-        raise UpcycleError("the block size must be at least 2 tokens")
-    if not 0.0 < heldout_fraction < 1.0:
-        raise UpcycleError("the held-out fraction must be between 0 and 1")
-    if max_tokens is not None and max_tokens < 2 * block_size:
-        raise UpcycleError(f"max_tokens must allow at least two blocks of {block_size} tokens")
+    check_data_settings(block_size, heldout_fraction, max_tokens)
     documents = load_texts(data_path, text_field)
     tokenized = _tokenize(documents, tokenizer, max_tokens)
     is_heldout = [stable_fraction(text) < heldout_fraction for text in documents[: len(tokenized)]]

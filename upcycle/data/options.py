@@ -9,6 +9,16 @@ from dataclasses import dataclass, field
 from ..errors import UpcycleError
 
 
+def check_data_settings(block_size: int, heldout_fraction: float, max_tokens: int | None) -> None:
+    """Refuse settings no token blocks can be made with, in one sentence (before anything is read or loaded)."""
+    if block_size < 2:
+        raise UpcycleError(f"block_size must be at least 2 tokens, got {block_size}")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise UpcycleError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if max_tokens is not None and max_tokens < 2 * block_size:
+        raise UpcycleError(f"max_tokens must allow at least two blocks of {block_size} tokens")
+
+
 def option(default, help: str, **extra):
     """A dataclass field carrying its CLI help (and choices): the single truth for flags, YAML keys, validation."""
     return field(default=default, metadata={"help": help, **extra})
@@ -26,17 +36,11 @@ class DataOptions:
     seed: int = option(0, "Seed of the training blocks' order.")
 
     def validate_data_options(self) -> None:
-        if self.block_size < 2:
-            raise UpcycleError(f"block_size must be at least 2 tokens, got {self.block_size}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise UpcycleError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.max_tokens is not None and self.max_tokens < 2 * self.block_size:
-            raise UpcycleError(f"max_tokens must allow at least two blocks of {self.block_size} tokens")
+        check_data_settings(self.block_size, self.heldout_fraction, self.max_tokens)
 
-    def token_blocks(self, data, tokenizer, max_tokens: int | None = -1):
-        """Packed train and held-out blocks of `data` (upcycle.data.blocks.load_token_blocks) with these options;
-        `max_tokens` overrides the option's (None: read everything)."""
+    def token_blocks(self, data, tokenizer):
+        """Packed train and held-out blocks of `data` (upcycle.data.blocks.load_token_blocks) with these options."""
         from .blocks import load_token_blocks
 
         return load_token_blocks(data, tokenizer, self.block_size, self.seed, self.heldout_fraction,
-                                 self.max_tokens if max_tokens == -1 else max_tokens, self.text_field)
+                                 self.max_tokens, self.text_field)

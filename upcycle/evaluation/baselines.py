@@ -28,27 +28,27 @@ BASELINES = ("dynamic_skipping", "top_p")
 class RoutingCounter:
     """FFN experts used, summed over MoE layers and tokens, while a baseline is active."""
 
-    slots: float = 0.0
-    token_layers: float = 0.0
     used_counts: torch.Tensor | None = None  # (k+1,) (token, layer) pairs that used 0..k FFN experts
 
     @property
     def ffn_experts_per_token(self) -> float:
-        return self.slots / max(self.token_layers, 1.0)
+        if self.used_counts is None:
+            return 0.0
+        used = torch.arange(len(self.used_counts), dtype=self.used_counts.dtype)  # (k+1,) 0..k
+        return (used * self.used_counts).sum().item() / self.used_counts.sum().item()
 
     @property
     def ffn_experts_histogram(self) -> dict[str, float]:
         """"0".."k" -> share of (token, layer) pairs that used that many FFN experts."""
         if self.used_counts is None:
             return {}
-        return {str(count): share for count, share in enumerate((self.used_counts / self.token_layers).tolist())}
+        shares = self.used_counts / self.used_counts.sum()
+        return {str(count): share for count, share in enumerate(shares.tolist())}
 
     def add(self, ffn_used: torch.Tensor, top_k: int) -> None:
         """ffn_used (T,): FFN experts each token kept in one layer."""
         counts = torch.bincount(ffn_used.cpu(), minlength=top_k + 1).double()  # (k+1,)
         self.used_counts = counts if self.used_counts is None else self.used_counts + counts
-        self.slots += ffn_used.sum().item()
-        self.token_layers += ffn_used.shape[0]
 
 
 def keep_mask(probabilities: torch.Tensor, rule: str, knob: float) -> torch.Tensor:

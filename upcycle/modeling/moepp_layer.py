@@ -113,9 +113,8 @@ class MoePPRouter(nn.Module):
 
     def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one)."""
-        scores = self.selection_scores(logits)  # (T, N+Z)
-        bias = self._bias(selection_bias).to(scores.device).float()  # (Z,)
-        return torch.topk(scores + torch.cat([bias.new_zeros(self.layout.n_ffn), bias]), self.top_k, dim=-1).indices
+        bias = self._bias(selection_bias).to(logits.device)  # (Z,)
+        return select_experts(self.selection_scores(logits), bias, self.layout.n_ffn, self.top_k)
 
     def top_k_weights(self, logits: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """(T, N+Z), (T, k) -> (T, k): gathered probabilities, Zero semantics, family normalisation, scaling."""
@@ -166,7 +165,9 @@ def ffn_only_denominator(logits: torch.Tensor, probabilities: torch.Tensor, n_ff
 
 
 def select_experts(logits: torch.Tensor, selection_bias: torch.Tensor, n_ffn: int, top_k: int) -> torch.Tensor:
-    """Top-k of the logits plus the selection bias (zero for FFN experts): logits (T, N+Z) -> index (T, k)."""
+    """Top-k of the selection scores plus the selection bias (zero for FFN experts): (T, N+Z) -> index (T, k).
+
+    The softmax router's scores are its logits; `MoePPRouter.select_experts` passes each family's own scores."""
     ffn_bias = selection_bias.new_zeros(n_ffn)
     scores = logits + torch.cat([ffn_bias, selection_bias.float()])  # (T, N+Z)
     return torch.topk(scores, top_k, dim=-1).indices

@@ -104,9 +104,8 @@ class TrainOptions(DataOptions):
         if self.target_ffn_per_token is not None and self.target_ffn_per_token < 0:
             raise UpcycleError(f"target_ffn_per_token must be 0 or more, got {self.target_ffn_per_token}")
         self.validate_data_options()
-        for name in ("eval_max_blocks",):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UpcycleError(f"{name} must be 1 or more (or null), got {getattr(self, name)}")
+        if self.eval_max_blocks is not None and self.eval_max_blocks < 1:
+            raise UpcycleError(f"eval_max_blocks must be 1 or more (or null), got {self.eval_max_blocks}")
         return self
 
     @property

@@ -13,6 +13,7 @@
 """
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -95,7 +96,6 @@ def check_distributed_support(options: TrainOptions, distributed_type: str) -> N
 
 
 def load_model(options: TrainOptions):
-
     model = load_causal_lm(Path(options.model))
     if not hasattr(model, "moe_blocks"):
         raise UpcycleError(f"{options.model} is not an MoE++ checkpoint; convert it first with `upcycle convert`")
@@ -118,12 +118,11 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     check_distributed_support(options, accelerator.distributed_type.name)
 
     # Data: the checkpoint's tokenizer, packed blocks, held-out split
-
     tokenizer = load_checkpoint_tokenizer(options.model)
     blocks = options.token_blocks(options.data, tokenizer)
     heldout = blocks.heldout
     if options.eval_data:  # every block of a separate held-out text
-        evaluation = options.token_blocks(options.eval_data, tokenizer, max_tokens=None)
+        evaluation = dataclasses.replace(options, max_tokens=None).token_blocks(options.eval_data, tokenizer)
         heldout = torch.cat([evaluation.train, evaluation.heldout])
     heldout = heldout[: options.eval_max_blocks] if options.eval_max_blocks else heldout
 
