@@ -9,7 +9,8 @@ from test_families import FAMILIES, convert_source, tiny_source
 
 from upcycle.checkpoint.loading import load_causal_lm
 from upcycle.errors import UpcycleError
-from upcycle.evaluation.baselines import fit_knob, keep_mask, measure, variable_k_routing
+from upcycle.evaluation.baselines import fit_knob, measure, variable_k_routing
+from upcycle.modeling.moepp_layer import rule_keep_mask as keep_mask
 
 
 def converted_pair(tmp_path, family: str, **overrides):

@@ -67,6 +67,11 @@ def cli() -> None:
               help="FFN experts' weights: ffn_only keeps the source's softmax over FFN experts whatever is switched "
                    "on (better measured, docs/layer-math.md); switched_on shares one softmax with the "
                    "zero-computation experts. No effect on families that renormalise their top-k.")
+@click.option("--zero-computation-scores", "zero_computation_scores", default="relative", show_default=True,
+              type=click.Choice(["relative", "absolute"]),
+              help="What zero-computation experts compete with: relative adds the token's best FFN score to their "
+                   "router outputs, so a calibrated Zero expert skips a token's weak experts as dynamic skipping "
+                   "does (docs/layer-math.md); absolute uses the router outputs alone.")
 @click.option("--link", type=click.Choice(["auto", "reflink", "hard", "copy"]), default="auto", show_default=True,
               help="Unchanged shards: auto (reflink, else copy), reflink, hard (the output shares the source's "
                    "files: editing one edits both) or copy.")

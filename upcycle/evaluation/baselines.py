@@ -14,14 +14,15 @@ calibration blocks so that the mean number of FFN experts per token hits the tar
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UpcycleError
+from ..modeling.moepp_fields import ROUTING_RULES
 
-BASELINES = ("dynamic_skipping", "top_p")
+BASELINES = ("dynamic_skipping", "top_p")  # the training-free rules a converted model is compared with
 
 
 @dataclass
@@ -51,45 +52,18 @@ class RoutingCounter:
         self.used_counts = counts if self.used_counts is None else self.used_counts + counts
 
 
-def keep_mask(probabilities: torch.Tensor, rule: str, knob: float) -> torch.Tensor:
-    """probabilities (T, k) of a token's selected experts, best first -> which slots are kept (T, k)."""
-    if rule == "dynamic_skipping":
-        renormalised = probabilities / probabilities.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        keep = renormalised >= knob  # knob: threshold on the renormalised weight
-    elif rule == "top_p":
-        mass_before = probabilities.cumsum(dim=-1) - probabilities  # (T, k) mass of the better experts
-        keep = mass_before < knob  # knob: p
-    else:
-        raise UpcycleError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
-    keep[:, 0] = True  # the first expert is always kept
-    return keep
-
-
-def _variable_k_forward(router, rule: str, knob: float, counter: RoutingCounter) -> Callable:
-    """A router forward that routes as `router` does, then drops FFN slots by the baseline's rule."""
-    n_ffn = router.layout.n_ffn
-
-    def forward(hidden_states: torch.Tensor, previous_logits: torch.Tensor | None = None):
-        logits = router.compute_logits(hidden_states, previous_logits)  # (T, N+Z)
-        index = router.select_experts(logits)  # (T, k), the family's selection
-        probabilities = router.routing_probabilities(logits).gather(-1, index)  # (T, k)
-        order = probabilities.argsort(dim=-1, descending=True)  # best first, whatever order selection gave
-        index, probabilities = index.gather(-1, order), probabilities.gather(-1, order)
-        weights = router.top_k_weights(logits, index)  # (T, k), the family's weights
-        is_ffn = index < n_ffn
-        keep = keep_mask(probabilities.masked_fill(~is_ffn, 0.0), rule, knob) | ~is_ffn  # rule on FFN slots
-        kept = weights * keep
-        if router.renormalize:  # the family's router renormalises its top-k: the kept slots share the same total
-            kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1e-30))
-        counter.add((keep & is_ffn).sum(dim=-1), router.top_k)
-        return logits, kept, index.masked_fill(~keep, n_ffn)  # dropped: a zero-computation slot of weight 0
-
-    return forward
+def _count_routing(counter: RoutingCounter, n_ffn: int, top_k: int):
+    def hook(module, inputs, output):  # MoePPRouter.forward -> (logits, weights (T, k), index (T, k))
+        counter.add((output[2] < n_ffn).sum(dim=-1), top_k)
+    return hook
 
 
 @contextlib.contextmanager
 def variable_k_routing(model, rule: str, knob: float) -> Iterator[RoutingCounter]:
-    """Within the context, every MoE layer of an MoE++ model (any family) routes by the baseline's rule."""
+    """Within the context, every MoE layer of an MoE++ model (any family) routes by the rule (the router's own
+    `routing_rule`, see `rule_keep_mask`), and the FFN experts each token uses are counted."""
+    if rule not in ROUTING_RULES:
+        raise UpcycleError(f"unknown routing rule {rule!r}; choose one of {', '.join(ROUTING_RULES)}")
     if not hasattr(model, "moe_blocks"):
         raise UpcycleError("training-free baselines run on an MoE++ checkpoint; convert the source first "
                            "(at conversion it computes exactly what the source does)")
@@ -97,34 +71,45 @@ def variable_k_routing(model, rule: str, knob: float) -> Iterator[RoutingCounter
     routers = [block.gate for block in model.moe_blocks()]
     if routers[0].layout.n_zero_computation == 0:
         raise UpcycleError("the baselines need at least one zero-computation expert per layer to drop slots into")
+    saved = [(router.routing_rule, router.routing_rule_knob) for router in routers]
+    handles = [router.register_forward_hook(_count_routing(counter, router.layout.n_ffn, router.top_k))
+               for router in routers]
     for router in routers:
-        router.forward = _variable_k_forward(router, rule, knob, counter)
+        router.routing_rule, router.routing_rule_knob = rule, knob
     try:
         yield counter
     finally:
-        for router in routers:
-            del router.forward
+        for handle in handles:
+            handle.remove()
+        for router, (saved_rule, saved_knob) in zip(routers, saved):
+            router.routing_rule, router.routing_rule_knob = saved_rule, saved_knob
 
 
 @torch.no_grad()
 def measure(model, blocks: torch.Tensor, rule: str, knob: float, batch_size: int = 8) -> float:
     """Mean FFN experts per token of the baseline on blocks (n, L)."""
+    device = next(model.parameters()).device
     with variable_k_routing(model, rule, knob) as counter:
         for batch in blocks.split(batch_size):
-            model(batch, use_cache=False)
+            model(batch.to(device), use_cache=False)
     return counter.ffn_experts_per_token
 
 
 def fit_knob(model, blocks: torch.Tensor, rule: str, target: float, steps: int = 14) -> float:
-    """Bisection on the threshold (dynamic skipping) or p (top-p) so FFN experts per token hits the target.
+    """The rule's knob so that FFN experts per token on `blocks` hits the target: k itself for top_k (a whole
+    number), else bisection on the threshold (dynamic_skipping, top_1_confident) or p (top_p).
 
-    Both knobs are monotone: a higher threshold skips more, a higher p keeps more.
+    Every knob is monotone: a higher threshold skips more, a higher p keeps more.
     """
+    if rule == "top_k":
+        if abs(target - round(target)) > 1e-9 or target < 1:
+            raise UpcycleError(f"the top_k rule reaches whole numbers of FFN experts per token only, got {target:g}")
+        return float(round(target))
     low, high = (0.0, 0.5) if rule == "dynamic_skipping" else (0.0, 1.0)
+    skips_more_when_higher = rule != "top_p"
     for _ in range(steps):
         middle = (low + high) / 2
         used = measure(model, blocks, rule, middle)
-        skips_more_when_higher = rule == "dynamic_skipping"
         if (used > target) == skips_more_when_higher:
             low = middle
         else:

@@ -55,7 +55,7 @@ class MoePPDeepseekV2Router(MoePPRouter):
         self.group_limited = config.topk_method == "group_limited_greedy"
         self.n_group, self.topk_group = config.n_group, config.topk_group
 
-    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+    def expert_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(T, N+Z) -> (T, N+Z) in router-logit units. Group-limited: a group's score is its best expert's
         probability, which ranks as its best logit does, so groups and experts are chosen on logits; FFN experts
         outside the best groups get -inf. Zero-computation experts sit outside every group."""

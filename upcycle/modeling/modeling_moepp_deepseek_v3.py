@@ -69,7 +69,7 @@ class MoePPDeepseekV3Router(MoePPRouter):
         scores = logits.sigmoid().masked_fill(~switched_on, 0.0)
         return scores / scores.sum(dim=-1, keepdim=True)
 
-    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+    def expert_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(T, N+Z) -> (T, N+Z) in sigmoid-score units: FFN experts' sigmoid scores plus the correction bias,
         limited to the best groups (-inf elsewhere); zero-computation experts' sigmoid scores, outside every group.
         A selection bias is therefore in sigmoid-score units (scores lie in (0, 1))."""

@@ -33,7 +33,7 @@ from .modeling_openmoe import (
     within_capacity,
 )
 from .moepp_layer import ExpertLayout, MoePPRouter, ZeroComputationExperts, ffn_slots
-from .moepp_model import add_balance_loss
+from .moepp_model import add_balance_loss, each_expert_output, with_relaxed_selection
 
 try:
     register_checkpoint_conversion_mapping(
@@ -86,6 +86,9 @@ class MoePPOpenMoeSparseBlock(nn.Module):
         ffn_weights = ffn_weights.masked_fill(~keep, 0.0)
         output = self.experts(tokens, ffn_index, ffn_weights)  # (T, D)
         output = output + self.zero_computation_experts(tokens, top_k_index, top_k_weights)
+        if self.training and self.gate.straight_through_temperature > 0:
+            output = with_relaxed_selection(output, self.gate, logits, top_k_index, each_expert_output(
+                self.experts, self.zero_computation_experts, tokens, self.layout.n_ffn))
         return output.view(batch, length, hidden), logits
 
 
@@ -93,7 +96,9 @@ class MoePPOpenMoeDecoderLayer(OpenMoeDecoderLayer):
     def build_moe_block(self, config: MoePPOpenMoeConfig, layer_idx: int) -> nn.Module:
         # The first MoE layer has no previous logits, so it has no gating-residual matrix.
         is_first_moe_layer = layer_idx == config.moe_layers()[0]
-        return MoePPOpenMoeSparseBlock(config, has_residual=config.gating_residual and not is_first_moe_layer)
+        block = MoePPOpenMoeSparseBlock(config, has_residual=config.gating_residual and not is_first_moe_layer)
+        block.gate.configure_selection(config)
+        return block
 
 
 class MoePPOpenMoePreTrainedModel(OpenMoePreTrainedModel):

@@ -10,6 +10,16 @@ ZERO_EXPERT_SEMANTICS = ("drop_and_renormalize", "keep_weight")
 # The softmax denominator of the FFN experts' top-k weights, for families that do not renormalise them (Qwen2-MoE,
 # OLMoE, DeepSeek-V2, OpenMoE as published); no effect when the family renormalises (docs/layer-math.md).
 ZERO_COMPUTATION_DENOMINATORS = ("switched_on", "ffn_only")
+# What a zero-computation expert's selection score is: "absolute", its own router output (plus its selection
+# bias); "relative", that plus the token's best FFN selection score, so that with zero rows the Zero expert takes a
+# token's second slot exactly when the second FFN expert's score trails the first by more than the bias: dynamic
+# skipping, before any training (docs/layer-math.md).
+ZERO_COMPUTATION_SCORES = ("absolute", "relative")
+# Trained controls (`upcycle train --routing-rule`): the source's own routing with FFN slots dropped by a fixed rule,
+# zero-computation experts never chosen by score. The knob: k (top_k), the threshold on the renormalised weight
+# (dynamic_skipping), p (top_p), the threshold on the first expert's probability (top_1_confident: top-1, and no
+# FFN expert when the router is less confident than the threshold).
+ROUTING_RULES = ("top_k", "dynamic_skipping", "top_p", "top_1_confident")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -35,6 +45,10 @@ class MoePPFields:
     # weights from the softmax over every switched-on expert. Conversion writes "ffn_only"; this default keeps
     # checkpoints written before the field computing what they did.
     zero_computation_denominator: str = "switched_on"
+    # Conversion writes "relative"; this default keeps checkpoints written before the field computing what they did.
+    zero_computation_scores: str = "absolute"
+    routing_rule: str | None = None  # None: MoE++ routing; else one of ROUTING_RULES (a trained control)
+    routing_rule_knob: float = 0.0
     source_model_type: str = "mixtral"  # the family the checkpoint was converted from
 
     @property
@@ -64,5 +78,12 @@ class MoePPFields:
                 f"zero_computation_denominator must be one of {', '.join(ZERO_COMPUTATION_DENOMINATORS)}, "
                 f"got {self.zero_computation_denominator!r}"
             )
+        if self.zero_computation_scores not in ZERO_COMPUTATION_SCORES:
+            raise ValueError(
+                f"zero_computation_scores must be one of {', '.join(ZERO_COMPUTATION_SCORES)}, "
+                f"got {self.zero_computation_scores!r}"
+            )
+        if self.routing_rule is not None and self.routing_rule not in ROUTING_RULES:
+            raise ValueError(f"routing_rule must be one of {', '.join(ROUTING_RULES)} or null, got {self.routing_rule!r}")
         if not 0.0 < self.balance_tau <= 1.0:
             raise ValueError(f"balance_tau must be in (0, 1], got {self.balance_tau}")

@@ -82,6 +82,19 @@ class MoePPRouter(nn.Module):
         )
         # (Z,) selection-only bias (not trained): added to the scores for top-k selection, not to the weights
         self.register_buffer("selection_bias", torch.full((layout.n_zero_computation,), float("-inf")))
+        # Selection settings from the config (`configure_selection`); these defaults are a checkpoint's before the
+        # fields existed. `straight_through` is training-only, set by the recipe (`relaxed_selection_term`).
+        self.zero_computation_scores = "absolute"
+        self.routing_rule: str | None = None
+        self.routing_rule_knob = 0.0
+        self.straight_through_temperature = 0.0  # 0: off; else the relaxation's temperature in margin spreads
+
+    def configure_selection(self, config) -> "MoePPRouter":
+        """Read the config's selection fields (`zero_computation_scores`, `routing_rule`, `routing_rule_knob`)."""
+        self.zero_computation_scores = getattr(config, "zero_computation_scores", "absolute")
+        self.routing_rule = getattr(config, "routing_rule", None)
+        self.routing_rule_knob = float(getattr(config, "routing_rule_knob", 0.0))
+        return self
 
     def compute_logits(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None) -> torch.Tensor:
         """G_j = W_j x + W_g^j G_{j-1}: hidden_states (T, D), previous_logits (T, N+Z) or None -> (T, N+Z) fp32."""
@@ -95,26 +108,53 @@ class MoePPRouter(nn.Module):
         return logits
 
     def _bias(self, selection_bias: torch.Tensor | None) -> torch.Tensor:
+        """The bias to select with: the given one, else the saved one; every expert switched off under a rule."""
+        if self.routing_rule is not None:  # a trained control routes as its source: no zero-computation mass
+            return torch.full_like(self.selection_bias, float("-inf"))
         return self.selection_bias if selection_bias is None else selection_bias
 
     def routing_probabilities(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, N+Z): the family's router probabilities (softmax over switched-on experts)."""
         return routing_probabilities(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn)
 
-    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """(T, N+Z) -> (T, N+Z) fp32: what selection ranks before the selection bias is added, in the bias's units.
+    def expert_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z) fp32: each expert's own score, in the selection bias's units.
 
         Softmax routers rank logits, so a selection bias is in router-logit units. Families override this where
         selection ranks something else (DeepSeek-V3: sigmoid scores plus its correction bias) or excludes experts
-        (group-limited DeepSeek: -inf outside the best groups). Calibration and the budget controller read the
-        bias's scale from here, so every consumer sets biases in the units this router adds them in.
+        (group-limited DeepSeek: -inf outside the best groups).
         """
         return logits.float()
 
+    def selection_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(T, N+Z) -> (T, N+Z) fp32: what selection ranks before the selection bias is added, in the bias's units.
+
+        The experts' own scores (`expert_scores`); with "relative" zero-computation scores, each zero-computation
+        expert's score is raised by the token's best FFN score (a constant of the token, not a path for gradients).
+        Calibration and the budget controller read the bias's scale from here, so every consumer sets biases in
+        the units this router adds them in.
+        """
+        scores = self.expert_scores(logits)
+        if self.zero_computation_scores != "relative":
+            return scores
+        n_ffn = self.layout.n_ffn
+        best_ffn = scores[:, :n_ffn].max(dim=-1, keepdim=True).values.detach()  # (T, 1)
+        return torch.cat([scores[:, :n_ffn], scores[:, n_ffn:] + best_ffn], dim=-1)
+
     def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one)."""
+        """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one).
+
+        Under a routing rule (a trained control) the source's FFN selection, slots dropped by the rule: a dropped
+        slot holds the first zero-computation expert, whose weight is 0 (it takes no probability mass)."""
         bias = self._bias(selection_bias).to(logits.device)  # (Z,)
-        return select_experts(self.selection_scores(logits), bias, self.layout.n_ffn, self.top_k)
+        index = select_experts(self.selection_scores(logits), bias, self.layout.n_ffn, self.top_k)  # (T, k)
+        if self.routing_rule is None:
+            return index
+        probabilities = self.routing_probabilities(logits).gather(-1, index)  # (T, k)
+        order = probabilities.argsort(dim=-1, descending=True)  # best first, whatever order selection gave
+        index, probabilities = index.gather(-1, order), probabilities.gather(-1, order)
+        keep = rule_keep_mask(probabilities, self.routing_rule, self.routing_rule_knob)  # (T, k)
+        return index.masked_fill(~keep, self.layout.n_ffn)
 
     def top_k_weights(self, logits: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """(T, N+Z), (T, k) -> (T, k): gathered probabilities, Zero semantics, family normalisation, scaling."""
@@ -132,6 +172,29 @@ class MoePPRouter(nn.Module):
         logits = self.compute_logits(hidden_states, previous_logits)
         top_k_index = self.select_experts(logits)
         return logits, self.top_k_weights(logits, top_k_index), top_k_index
+
+
+def rule_keep_mask(probabilities: torch.Tensor, rule: str, knob: float) -> torch.Tensor:
+    """probabilities (T, k) of a token's FFN experts, best first -> which slots a routing rule keeps (T, k) bool.
+
+    top_k: the first round(knob); dynamic_skipping: renormalised weight >= knob (the first always kept); top_p:
+    the best experts until their mass reaches knob (the first always kept); top_1_confident: the first alone, and
+    only when its probability is >= knob.
+    """
+    position = torch.arange(probabilities.shape[-1], device=probabilities.device)  # (k,)
+    if rule == "top_k":
+        return (position < round(knob)).expand_as(probabilities).clone()
+    if rule == "top_1_confident":
+        return (position == 0) & (probabilities[:, :1] >= knob)
+    if rule == "dynamic_skipping":
+        renormalised = probabilities / probabilities.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        keep = renormalised >= knob
+    elif rule == "top_p":
+        mass_before = probabilities.cumsum(dim=-1) - probabilities  # (T, k) mass of the better experts
+        keep = mass_before < knob
+    else:
+        raise ValueError(f"unknown routing rule {rule!r}")
+    return keep | (position == 0)
 
 
 def switched_on_mask(selection_bias: torch.Tensor, n_ffn: int) -> torch.Tensor:
@@ -322,3 +385,65 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     weighted = eta.to(token_share.device) * token_share * mean_probability
     stats["balance_loss"] = switched_on.sum() * weighted.sum()
     return stats
+
+
+def relaxed_selection_term(router: MoePPRouter, logits: torch.Tensor, top_k_index: torch.Tensor,
+                           expert_outputs) -> torch.Tensor | None:
+    """The learning signal of zero-computation selection (training only): exactly 0 in the forward pass.
+
+    Selection is a top-k over FFN and zero-computation scores, so the language-model loss gives the
+    zero-computation rows of the router no gradient about *which* tokens should skip FFN work. Pair a token's
+    FFN candidates with the zero-computation candidates they compete with: the j-th best FFN expert is selected
+    exactly when it beats the (k-j)-th best zero-computation expert (scores plus bias). For each pair the gate
+    g = sigmoid(margin / temperature) enters the output as (g - stop_gradient(g)) * delta, where delta (T, D) is
+    the layer's output with the FFN expert minus without it (both computed without gradient from the family's own
+    weights). The forward value is unchanged; the gradient of the margin is the first-order change of the loss
+    when the pair flips, so a token whose FFN expert barely moves the loss raises its zero-computation score and a
+    token that needs it lowers it. The budget controller then keeps the mean on target.
+
+    logits (T, N+Z) with gradient; top_k_index (T, k) the forward's selection; expert_outputs(index (T, m)) ->
+    (T, m, D): each listed expert's output with weight 1, without gradient. Returns (T, D), or None when nothing
+    can flip (a routing rule, every zero-computation expert switched off, or the relaxation turned off).
+    """
+    bias = router.selection_bias
+    if router.straight_through_temperature <= 0 or router.routing_rule is not None or not torch.isfinite(bias).any():
+        return None
+    n_ffn, top_k = router.layout.n_ffn, router.top_k
+    scores = router.selection_scores(logits)  # (T, N+Z), gradient through the zero-computation rows
+    biased_zero_computation = scores[:, n_ffn:] + bias.float()  # (T, Z), -inf where switched off
+    n_candidates = min(top_k, router.layout.n_zero_computation)
+    ffn_values, ffn_index = scores[:, :n_ffn].detach().topk(top_k, dim=-1)  # (T, k) best first
+    zc_values, zc_position = biased_zero_computation.topk(n_candidates, dim=-1)  # (T, Zk) best first
+    zc_index = zc_position + n_ffn
+    pairs = [j for j in range(top_k) if top_k - 1 - j < n_candidates]  # FFN candidate j vs ZC candidate k-1-j
+    if not pairs:
+        return None
+    with torch.no_grad():
+        candidates = torch.cat([ffn_index, zc_index], dim=-1)  # (T, k+Zk)
+        candidate_outputs = expert_outputs(candidates)  # (T, k+Zk, D)
+        detached = logits.detach()
+
+        def layer_output(index: torch.Tensor) -> torch.Tensor:  # (T, k) -> (T, D), the family's weights
+            weights = router.top_k_weights(detached, index)  # (T, k)
+            position = (index[:, :, None] == candidates[:, None, :]).float().argmax(dim=-1)  # (T, k)
+            chosen = candidate_outputs.gather(1, position[..., None].expand(-1, -1, candidate_outputs.shape[-1]))
+            return (weights[..., None].to(chosen.dtype) * chosen).sum(dim=1)
+
+        selected = layer_output(top_k_index)  # (T, D)
+        deltas = []
+        for j in pairs:
+            ffn, zc = ffn_index[:, j : j + 1], zc_index[:, top_k - 1 - j : top_k - j]  # (T, 1) each
+            ffn_in = (top_k_index == ffn).any(dim=-1, keepdim=True)  # (T, 1)
+            flipped = torch.where((top_k_index == ffn) & ffn_in, zc, top_k_index)
+            flipped = torch.where((top_k_index == zc) & ~ffn_in, ffn, flipped)
+            alternative = layer_output(flipped)
+            deltas.append(torch.where(ffn_in, selected - alternative, alternative - selected))  # with - without
+    margins = torch.stack([ffn_values[:, j] - zc_values[:, top_k - 1 - j] for j in pairs], dim=-1)  # (T, P)
+    finite = torch.isfinite(margins)
+    if not bool(finite.any()):
+        return None
+    spread = margins.detach()[finite].std() if int(finite.sum()) > 1 else margins.new_ones(())
+    temperature = router.straight_through_temperature * spread.clamp_min(1e-3)
+    gates = torch.sigmoid(margins.masked_fill(~finite, 0.0) / temperature) * finite  # (T, P)
+    relaxed = gates - gates.detach()  # exactly 0, with the gates' gradient
+    return sum(relaxed[:, p, None].to(delta.dtype) * delta for p, delta in enumerate(deltas))

@@ -29,7 +29,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
-from .moepp_layer import MoePPRouter, ZeroComputationExperts, ffn_slots, routing_statistics
+from .moepp_layer import MoePPRouter, ZeroComputationExperts, ffn_slots, relaxed_selection_term, routing_statistics
 
 try:  # transformers' init functions skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -58,6 +58,31 @@ def register_source_layout(moepp_model_type: str, source_model_type: str) -> Non
         register_checkpoint_conversion_mapping(moepp_model_type, get_checkpoint_conversion_mapping(source_model_type))
     except ValueError:  # already registered (module imported twice: package and remote code)
         pass
+
+
+def each_expert_output(ffn_output, zero_computation_experts: ZeroComputationExperts, tokens: torch.Tensor,
+                       n_ffn: int):
+    """A function index (T, m) -> (T, m, D): the output of each listed expert (FFN or zero-computation) with
+    weight 1. `ffn_output(tokens, index (T, 1), weights (T, 1))` runs the FFN experts (sentinel N skipped)."""
+
+    def outputs(index: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(tokens.shape[0], 1, device=tokens.device, dtype=torch.float32)  # (T, 1)
+        columns = []
+        for column in index.unbind(dim=-1):
+            column = column[:, None]  # (T, 1)
+            is_ffn = column < n_ffn
+            ffn = ffn_output(tokens, column.masked_fill(~is_ffn, n_ffn), ones * is_ffn)  # (T, D)
+            columns.append(ffn.to(tokens.dtype) + zero_computation_experts(tokens, column, ones * ~is_ffn))
+        return torch.stack(columns, dim=1)  # (T, m, D)
+
+    return outputs
+
+
+def with_relaxed_selection(output: torch.Tensor, router: MoePPRouter, logits: torch.Tensor,
+                           top_k_index: torch.Tensor, expert_outputs) -> torch.Tensor:
+    """output (T, D) plus the training-only relaxed-selection term (exactly 0 in value; see moepp_layer)."""
+    term = relaxed_selection_term(router, logits, top_k_index, expert_outputs)
+    return output if term is None else output + term.to(output.dtype)
 
 
 @dataclass
@@ -130,6 +155,9 @@ class MoePPBlockMixin:
         else:
             output = self.ffn_experts_on_routed_slots(tokens, ffn_index, ffn_weights)  # (T, D)
         output = output + self.zero_computation_experts(tokens, top_k_index, top_k_weights)
+        if self.training and self.gate.straight_through_temperature > 0:
+            output = with_relaxed_selection(output, self.gate, logits, top_k_index, each_expert_output(
+                self.ffn_experts_on_routed_slots, self.zero_computation_experts, tokens, self.layout.n_ffn))
         shared = self.shared_expert_output(tokens)
         if shared is not None:
             output = output + shared
@@ -154,6 +182,7 @@ class MoePPDecoderLayerMixin:
             # The first MoE layer has no previous logits, so it has no gating-residual matrix.
             has_residual = config.gating_residual and layer_idx != moe_layers[0]
             self.mlp = self.moe_block_class(config, has_residual=has_residual)
+            self.mlp.gate.configure_selection(config)
 
     def forward(self, hidden_states, previous_logits=None, **kwargs):
         """The family's layer; `kwargs` (position embeddings, mask, cache...) go to attention as the family passes them."""

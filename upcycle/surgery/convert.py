@@ -31,7 +31,7 @@ from ..checkpoint.source_id import resolve_source
 from ..converters import family_for_config
 from ..errors import UpcycleError
 from ..modeling import MODELING_DIR, REMOTE_CODE_FILES
-from ..modeling.moepp_fields import ZERO_COMPUTATION_DENOMINATORS, ZERO_EXPERT_SEMANTICS
+from ..modeling.moepp_fields import ZERO_COMPUTATION_DENOMINATORS, ZERO_COMPUTATION_SCORES, ZERO_EXPERT_SEMANTICS
 from .moepp_config import moepp_config
 from .new_tensors import NewTensor, new_tensor_specs
 from .plan import ConversionPlan, ZeroComputationCounts, plan_conversion
@@ -61,6 +61,8 @@ class ConvertOptions:
     zero_expert_semantics: str | None = None  # None: the family default (docs/families.md)
     # ffn_only: FFN weights keep the source's softmax (measured better); switched_on: one shared softmax
     zero_computation_denominator: str = "ffn_only"
+    # relative: zero-computation scores raised by the token's best FFN score (measured better); absolute: rows alone
+    zero_computation_scores: str = "relative"
     overwrite: bool = False
     link: str = "auto"  # unchanged shards: auto (reflink, else copy), reflink, hard or copy
     dtype: str | None = None  # bfloat16, float16 or float32: cast floating-point tensors; None keeps every dtype
@@ -174,6 +176,8 @@ def _check_options(options: ConvertOptions) -> str | None:
         raise UpcycleError(f"zero-expert semantics must be one of {', '.join(ZERO_EXPERT_SEMANTICS)}")
     if options.zero_computation_denominator not in ZERO_COMPUTATION_DENOMINATORS:
         raise UpcycleError(f"the denominator must be one of {', '.join(ZERO_COMPUTATION_DENOMINATORS)}")
+    if options.zero_computation_scores not in ZERO_COMPUTATION_SCORES:
+        raise UpcycleError(f"the zero-computation scores must be one of {', '.join(ZERO_COMPUTATION_SCORES)}")
     if options.link not in LINK_MODES:
         raise UpcycleError(f"--link must be one of {', '.join(LINK_MODES)}, got {options.link!r}")
     return target_dtype(options.dtype)
@@ -208,7 +212,7 @@ def convert(source_path: Path | str, output: Path, options: ConvertOptions, comm
     if clashes:
         raise UpcycleError(f"the source already has tensor {clashes[0]}; is it already converted?")
     config = moepp_config(source.config, plan, options.gating_residual, options.zero_expert_semantics,
-                          options.zero_computation_denominator)
+                          options.zero_computation_denominator, options.zero_computation_scores)
     if options.dtype is not None:
         _set_config_dtype(config, options.dtype)
 

@@ -5,10 +5,13 @@ from .plan import ConversionPlan
 
 
 def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: bool,
-                 zero_expert_semantics: str | None = None, zero_computation_denominator: str = "ffn_only") -> dict:
+                 zero_expert_semantics: str | None = None, zero_computation_denominator: str = "ffn_only",
+                 zero_computation_scores: str = "relative") -> dict:
     """None semantics: the family's default (drop_and_renormalize if it renormalises, keep_weight otherwise).
     The denominator: ffn_only (FFN weights keep the source's softmax whatever is switched on; measured better on a
-    non-renormalising family, docs/layer-math.md) or switched_on (one softmax over every switched-on expert)."""
+    non-renormalising family, docs/layer-math.md) or switched_on (one softmax over every switched-on expert).
+    The zero-computation scores: relative (raised by the token's best FFN score: calibrated, the Zero expert skips
+    a token's weakest experts as dynamic skipping does) or absolute (the router rows alone)."""
     spec = plan.spec
     if zero_expert_semantics is None:
         zero_expert_semantics = spec.default_zero_expert_semantics(source_config)
@@ -28,6 +31,7 @@ def moepp_config(source_config: dict, plan: ConversionPlan, gating_residual: boo
         balance_loss_coef=MoePPFields.balance_loss_coef,
         zero_expert_semantics=zero_expert_semantics,
         zero_computation_denominator=zero_computation_denominator,
+        zero_computation_scores=zero_computation_scores,
         source_model_type=source_config.get("model_type", spec.name),
     )
     return config

@@ -51,6 +51,19 @@ def zero_computation_switched_off(selection_biases: Sequence[torch.Tensor]) -> c
     return temporarily_set(selection_biases, [torch.full_like(bias, float("-inf")) for bias in selection_biases])
 
 
+@contextlib.contextmanager
+def routing_rules_off(routers: Sequence[nn.Module]) -> Iterator[None]:
+    """Temporarily clear every router's `routing_rule`: a trained control's teacher routes as the source does."""
+    saved = [router.routing_rule for router in routers]
+    try:
+        for router in routers:
+            router.routing_rule = None
+        yield
+    finally:
+        for router, rule in zip(routers, saved):
+            router.routing_rule = rule
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) on next-token distributions: logits (B, S, V) -> scalar."""
     vocab = student_logits.shape[-1]
@@ -75,14 +88,16 @@ class StartingWeights:
 
 def compute_losses(model: nn.Module, input_ids: torch.Tensor, selection_biases: Sequence[torch.Tensor],
                    balance_loss_coef: float, distill_weight: float = 0.0,
-                   distill_temperature: float = 1.0, starting_weights: StartingWeights | None = None) -> StepLosses:
+                   distill_temperature: float = 1.0, starting_weights: StartingWeights | None = None,
+                   routers: Sequence[nn.Module] = ()) -> StepLosses:
     """One forward pass (after a no-grad teacher pass when distilling) on input_ids (B, S).
 
-    The teacher runs first, before the student's graph exists, with the starting weights restored when given."""
+    The teacher runs first, before the student's graph exists, with the starting weights restored when given,
+    and without the routing rule of a trained control (`routers`), so every arm distils from the same source."""
     teacher_logits = None
     if distill_weight > 0:
         restored = starting_weights.restored() if starting_weights is not None else contextlib.nullcontext()
-        with torch.no_grad(), zero_computation_switched_off(selection_biases), restored:
+        with torch.no_grad(), zero_computation_switched_off(selection_biases), routing_rules_off(routers), restored:
             teacher_logits = model(input_ids=input_ids, use_cache=False).logits  # (B, S, V)
     output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, use_cache=False)
     balance = output.aux_loss.float()

@@ -27,6 +27,7 @@ from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
 from ..data.blocks import load_checkpoint_tokenizer
 from ..errors import UpcycleError
+from ..evaluation.baselines import fit_knob
 from . import checkpointing
 from .data_order import BlockOrder
 from .heldout import evaluate_heldout
@@ -72,6 +73,29 @@ def learning_rate_factor(options: TrainOptions):
         progress = (step - options.warmup_steps) / max(1, options.steps - options.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def set_selection_learning(model, options: TrainOptions, rule_blocks: torch.Tensor) -> None:
+    """A control (`routing_rule`): every router routes by the rule, its knob fitted on `rule_blocks` to the target.
+    MoE++: the relaxed selection (`selection_gradient`) is switched on for training."""
+    routers = [block.gate for block in model.moe_blocks()]
+    if options.routing_rule is not None:
+        was_training = model.training
+        knob = fit_knob(model.eval(), rule_blocks, options.routing_rule, options.target_ffn_per_token)
+        model.train(was_training)
+        for router in routers:
+            router.routing_rule, router.routing_rule_knob = options.routing_rule, knob
+        return
+    relaxed = options.selection_gradient == "straight_through"
+    for router in routers:
+        router.routing_rule = None
+        router.straight_through_temperature = options.straight_through_temperature if relaxed else 0.0
+
+
+def routing_rule_fields(moe_blocks: list) -> dict:
+    """The config fields that make a saved control route by its rule (MoE++ routing when there is none)."""
+    router = moe_blocks[0].gate
+    return {"routing_rule": router.routing_rule, "routing_rule_knob": router.routing_rule_knob}
 
 
 def check_paths(options: TrainOptions) -> None:
@@ -130,6 +154,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     model = load_model(options)
     moe_blocks = model.moe_blocks()
     source_top_k = moe_blocks[0].gate.top_k  # the router's own top-k, whatever the family's config calls it
+    rule_blocks = blocks.train[: options.rule_fit_blocks]
+    set_selection_learning(model, options, rule_blocks)
     model, trainable = select_trainable(model, options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
                                   weight_decay=options.weight_decay)
@@ -140,7 +166,7 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     starting_weights = StartingWeights(model) if options.distill_weight > 0 else None
 
     controller = None
-    if options.target_ffn_per_token is not None:
+    if options.target_ffn_per_token is not None and options.routing_rule is None:
         controller = BudgetController(source_top_k, options.target_ffn_per_token, options.steps,
                                       options.ramp_fraction, options.controller_lr, options.controller_start_share)
         accelerator.register_for_checkpointing(controller)
@@ -176,6 +202,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
             if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.steps:
                 checkpointing.save_checkpoint(accelerator, run_dir, done, world_size, record,
                                               options.keep_checkpoints)
+        if options.routing_rule is not None:  # the knob again, for the trained weights
+            set_selection_learning(accelerator.unwrap_model(model), options, rule_blocks)
         # Held-out evaluation, then the output checkpoint
         with accelerator.autocast():
             result = evaluate_heldout(model, heldout, options.micro_batch_size, rank, world_size,
@@ -194,7 +222,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
             if controller is not None else None, world_size)
         write_trained_checkpoint(accelerator.unwrap_model(model), state_dict, Path(options.model),
                                  Path(options.output), options.overwrite, train_record,
-                                 {"balance_tau": options.balance_tau, "balance_loss_coef": options.balance_loss_coef})
+                                 {"balance_tau": options.balance_tau, "balance_loss_coef": options.balance_loss_coef,
+                                  **routing_rule_fields(moe_blocks)})
     accelerator.wait_for_everyone()
     return TrainingReport(Path(options.output).resolve(), run_dir, options.steps, result, trainable.as_dict(),
                           accelerator.is_main_process)
@@ -215,7 +244,8 @@ def train_step(step: int, model, optimizer, scheduler, accelerator: Accelerator,
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 losses = compute_losses(model, batch, selection_biases(), options.balance_loss_coef,
-                                        options.distill_weight, options.distill_temperature, starting_weights)
+                                        options.distill_weight, options.distill_temperature, starting_weights,
+                                        routers=[block.gate for block in selection_biases.moe_blocks])
             accelerator.backward(losses.loss / accumulation)
         for name in ("lm_loss", "balance_loss", "distill_kl", "ffn_experts_per_token"):
             sums[name] = sums.get(name, 0) + getattr(losses, name).float() / accumulation

@@ -14,6 +14,8 @@ MOEPP_DEFAULTS = {
     "gating_residual": True,
     "zero_expert_semantics": "drop_and_renormalize",
     "zero_computation_denominator": "switched_on",  # checkpoints written before the field compute this
+    "zero_computation_scores": "absolute",  # likewise
+    "routing_rule": None,  # a trained control (upcycle train --routing-rule): not served
 }
 
 

@@ -151,6 +151,7 @@ class MoePPSparseBlock(nn.Module):
 
     def __init__(self, config, *, layout: ExpertLayout, top_k: int, intermediate_size: int, renormalize: bool,
                  zero_expert_semantics: str, zero_computation_denominator: str, has_residual: bool,
+                 zero_computation_scores: str,
                  ckpt_names: tuple[str, str, str],
                  routing_weights_in_input_dtype: bool, quant_config, params_dtype: torch.dtype, prefix: str):
         super().__init__()
@@ -165,6 +166,10 @@ class MoePPSparseBlock(nn.Module):
         if zero_computation_denominator not in ("switched_on", "ffn_only"):
             raise ValueError(f"unknown zero_computation_denominator {zero_computation_denominator!r}")
         self.ffn_only_denominator = zero_computation_denominator == "ffn_only" and not renormalize
+        # "relative": a zero-computation expert's selection score is its logit plus the token's best FFN logit
+        if zero_computation_scores not in ("absolute", "relative"):
+            raise ValueError(f"unknown zero_computation_scores {zero_computation_scores!r}")
+        self.relative_scores = zero_computation_scores == "relative"
         self.routing_weights_in_input_dtype = routing_weights_in_input_dtype
         self.gate = MoePPGate(layout, hidden_size, has_residual, params_dtype)
         self.zero_computation_experts = ZeroComputationExperts(layout, hidden_size, params_dtype)
@@ -217,7 +222,11 @@ class MoePPSparseBlock(nn.Module):
             self.tokens += n_tokens
             self.ffn_rows += n_tokens * self.top_k
             return self.experts(hidden_states, logits[:, :n_ffn]), logits
-        index = torch.topk(logits + self.gate.score_bias, self.top_k, dim=-1).indices  # (T, k)
+        scores = logits + self.gate.score_bias  # (T, N+Z)
+        if self.relative_scores:
+            best_ffn = logits[:, :n_ffn].amax(dim=-1, keepdim=True)  # (T, 1)
+            scores = torch.cat([scores[:, :n_ffn], scores[:, n_ffn:] + best_ffn], dim=-1)
+        index = torch.topk(scores, self.top_k, dim=-1).indices  # (T, k)
         # softmax over the switched-on experts, gathered at the selection (exp / sum: no softmax kernel)
         shifted = logits + self.gate.probability_mask
         exponentials = torch.exp(shifted - shifted.amax(dim=-1, keepdim=True))  # (T, N+Z)

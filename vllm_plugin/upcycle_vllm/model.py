@@ -111,6 +111,10 @@ class MoePPDecoderLayer(nn.Module):
         self.self_attn = family.attention(config, vllm_config.cache_config, quant_config, f"{prefix}.self_attn")
         self.is_moe_layer = layer_idx in moe_layers
         if self.is_moe_layer:
+            if moepp_field(config, "routing_rule") is not None:
+                raise ValueError("this checkpoint is a trained control (routing_rule "
+                                 f"{moepp_field(config, 'routing_rule')!r}), which the plugin does not serve; "
+                                 "serve the MoE++ checkpoint or the source")
             layout = ExpertLayout(family.n_ffn(config), moepp_field(config, "n_zero_experts"),
                                   moepp_field(config, "n_copy_experts"), moepp_field(config, "n_constant_experts"))
             self.mlp = MoePPSparseBlock(
@@ -118,6 +122,7 @@ class MoePPDecoderLayer(nn.Module):
                 intermediate_size=family.expert_intermediate_size(config), renormalize=family.renormalize(config),
                 zero_expert_semantics=moepp_field(config, "zero_expert_semantics"),
                 zero_computation_denominator=moepp_field(config, "zero_computation_denominator"),
+                zero_computation_scores=moepp_field(config, "zero_computation_scores"),
                 # the first MoE layer has no previous logits, so no gating-residual matrix
                 has_residual=bool(moepp_field(config, "gating_residual")) and layer_idx != moe_layers[0],
                 ckpt_names=family.ckpt_names, routing_weights_in_input_dtype=family.routing_weights_in_input_dtype,
