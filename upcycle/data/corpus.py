@@ -7,14 +7,21 @@ arbitrary modules runs their side effects):
   module docstring, then the docstrings of its classes, functions and methods in source order.
 Order is deterministic (topics sorted by name, then modules sorted by dotted name), and the held-out split is
 fixed by a stable hash of each document's name, so every machine with the same Python gets the same corpus.
+
+The demo corpus (`write_demo_corpus`) adds the source files themselves (`stdlib_source_documents`) and cuts three
+parts by a stable hash of the module (or topic) name: source.txt trains the demo's source model, adaptation.txt
+is what continued training and calibration read, heldout.txt is only evaluated; a module's docstring document and
+its source file always fall in the same part.
 """
 
 import ast
 import functools
 import hashlib
 import inspect
+import io
 import re
 import sysconfig
+import tokenize
 from pathlib import Path
 
 # Folders of the standard library that are tests, demos or vendored packages rather than documentation.
@@ -133,6 +140,82 @@ def write_corpus(folder: Path, heldout_fraction: float = 0.1,
         text = DOCUMENT_SEPARATOR.join(text for _, text in part) + "\n"
         (folder / f"{name}.txt").write_text(text, encoding="utf-8")
         sizes[name] = {"documents": len(part), "chars": len(text)}
+    return sizes
+
+
+# Source files that are generated tables or copies rather than code a person wrote: the pydoc topics again
+# (pydoc_data.topics), this machine's build configuration (_sysconfigdata_*), character and entity tables.
+GENERATED_MODULES = {"pydoc_data.topics", "html.entities", "stringprep", "re._casefix"}
+DEMO_PARTS = ("source", "adaptation", "heldout")
+DEMO_FRACTIONS = {"heldout": 0.1, "adaptation": 0.18}  # the rest (0.72) is source; see demo_part
+
+
+def _is_generated_source(module: str, text: str) -> bool:
+    """Generated tables: the listed modules, build configuration, the character-mapping codecs' tables."""
+    return (module in GENERATED_MODULES or module.startswith("_sysconfigdata")
+            or (module.startswith("encodings.") and ("decoding_table" in text or "decoding_map" in text)))
+
+
+def normalize_source(text: str) -> str:
+    """A source file as it is, except: newlines made \\n, trailing whitespace stripped, runs of blank lines
+    collapsed to one (two blank lines separate documents in a .txt file), leading/trailing blank lines dropped.
+    Unlike normalize_document, indentation, tabs and form feeds inside lines are kept."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def stdlib_source_documents(stdlib: Path | None = None) -> list[tuple[str, str]]:
+    """("source:<module>", text) per standard-library source file, sorted by module name; generated tables
+    (`_is_generated_source`) and files too short to carry text are left out."""
+    documents = []
+    for module, path in stdlib_source_files(stdlib):
+        try:
+            raw = path.read_bytes()
+            encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+            text = raw.decode(encoding)
+        except (SyntaxError, UnicodeDecodeError, LookupError, OSError):  # unreadable or undecodable: skip
+            continue
+        text = normalize_source(text.removeprefix("\ufeff"))
+        if len(text) >= MIN_DOCUMENT_CHARS and not _is_generated_source(module, text):
+            documents.append((f"source:{module}", text))
+    return documents
+
+
+def split_key(name: str) -> str:
+    """The name the demo split hashes: a module's docstring document and its source file share
+    "module:<module>"; a pydoc topic keeps "topic:<name>"."""
+    kind, _, rest = name.partition(":")
+    return f"module:{rest}" if kind in ("module", "source") else name
+
+
+def demo_part(name: str) -> str:
+    """"source", "adaptation" or "heldout" for a document, from the stable hash of its split_key alone."""
+    fraction = stable_fraction(split_key(name))
+    if fraction < DEMO_FRACTIONS["heldout"]:
+        return "heldout"
+    if fraction < DEMO_FRACTIONS["heldout"] + DEMO_FRACTIONS["adaptation"]:
+        return "adaptation"
+    return "source"
+
+
+def demo_documents(stdlib: Path | None = None) -> list[tuple[str, str]]:
+    """The demo corpus' documents: pydoc topics and module docstrings (stdlib_documents), then the source files."""
+    return stdlib_documents(stdlib) + stdlib_source_documents(stdlib)
+
+
+def write_demo_corpus(folder: Path, stdlib: Path | None = None) -> dict[str, dict[str, int]]:
+    """Write source.txt, adaptation.txt and heldout.txt (documents separated by two blank lines, split by
+    `demo_part`) and return {part: {"documents": n, "chars": n}}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {part: [] for part in DEMO_PARTS}
+    for name, text in demo_documents(stdlib):
+        parts[demo_part(name)].append(text)
+    sizes = {}
+    for part, texts in parts.items():
+        text = DOCUMENT_SEPARATOR.join(texts) + "\n"
+        (folder / f"{part}.txt").write_text(text, encoding="utf-8")
+        sizes[part] = {"documents": len(texts), "chars": len(text)}
     return sizes
 
 
