@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
-from upcycle.data.corpus import split_documents, stdlib_documents
-from upcycle.data.tokenizer_training import train_bpe_tokenizer
 
 from upcycle.budget.calibrate import calibrate_model
 from upcycle.checkpoint.loading import load_causal_lm
+from upcycle.data.corpus import split_documents, stdlib_documents
+from upcycle.data.tokenizer_training import train_bpe_tokenizer
 from upcycle.evaluation.evaluate import evaluate_model
 from upcycle.surgery.convert import ConvertOptions, convert
 

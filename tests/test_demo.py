@@ -23,24 +23,35 @@ def test_the_embedded_model_ships_with_its_tokenizer_and_training_record():
 @pytest.mark.slow
 def test_full_demo_meets_the_shape_of_results(tmp_path):
     results = run_demo(DemoOptions(output=tmp_path / "demo"))
-    assert [budget["target"] for budget in results["budgets"]] == [1.5, 1.0]
+    assert [budget["target"] for budget in results["budgets"]] == [1.5, 1.0, 0.75]
 
 
 def test_short_demo_runs_and_replaces_only_its_own_output(tmp_path):
     output = tmp_path / "demo"
     options = DemoOptions(output=output, train_steps=2, calibration_blocks=8, max_heldout_blocks=8)
-    results = run_demo(options, echo=lambda message: None)
+    run_demo(options, echo=lambda message: None)
     saved = json.loads((output / "results.json").read_text())
     assert saved["source"]["ffn_experts_per_token"] == 2.0
-    for budget, target in zip(saved["budgets"], (1.5, 1.0)):
+    for budget, target in zip(saved["budgets"], (1.5, 1.0, 0.75), strict=True):
         assert budget["target"] == target
-        for kind in ("baseline", "calibrated", "trained"):
-            assert budget[kind]["perplexity"] > 1.0
+        for kind in ("baseline", "control", "calibrated", "trained"):
+            row = budget[kind]
+            assert row["perplexity"] > 1.0
+            histogram = row["ffn_experts_histogram"]
+            assert set(histogram) == {"0", "1", "2"} and abs(sum(histogram.values()) - 1.0) < 1e-6, kind
+            assert len(row["ffn_experts_histogram_per_layer"]) == 4
+        for kind in ("baseline", "control", "trained"):  # calibration alone cannot go below one without training
             assert abs(budget[kind]["ffn_experts_per_token"] - target) < 0.3, (kind, budget[kind])
+        assert budget["control"]["rule"] == {1.5: budget["baseline"]["rule"], 1.0: "top_k",
+                                             0.75: "top_1_confident"}[target]
+        paired = budget["trained"]["paired_vs_control"]
+        assert paired["interval_95"][0] <= paired["perplexity_ratio"] <= paired["interval_95"][1]
+        assert set(budget["token_kinds"]) == {"punctuation", "word piece", "word"}
     for plot in ("perplexity_vs_ffn_experts.png", "slot_share_per_layer.png", "ffn_experts_by_token_kind.png"):
         assert (output / "plots" / plot).stat().st_size > 1000
-    assert set(results["token_kinds"]) == {"punctuation", "word piece", "word"}
-    assert (output / "trained-1" / "config.json").is_file()
+    for name in ("trained-1", "control-1", "control-0.75"):
+        assert (output / name / "config.json").is_file()
+    assert json.loads((output / "control-1" / "config.json").read_text())["routing_rule"] == "top_k"
 
     run_demo(options, echo=lambda message: None)  # its own earlier output: replaced
     assert (output / "results.json").is_file()

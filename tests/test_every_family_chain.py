@@ -103,7 +103,7 @@ def test_every_family_through_every_command(capsys, tmp_path, chain_inputs, name
 
 
 def check_baselines(moepp: Path, corpus: Path) -> None:
-    """Both training-free baselines run on the family's converted model and hold the budget on held-out text."""
+    """Every training-free baseline runs on the family's converted model and hold the budget on held-out text."""
     from upcycle.checkpoint.loading import load_causal_lm
     from upcycle.data.blocks import load_checkpoint_tokenizer, load_token_blocks
     from upcycle.evaluation.baselines import BASELINES, fit_knob, measure
@@ -113,8 +113,9 @@ def check_baselines(moepp: Path, corpus: Path) -> None:
     heldout = load_token_blocks(corpus / "heldout.txt", tokenizer, 64, max_tokens=20_000).heldout[:32]
     model = load_causal_lm(moepp)
     for rule in BASELINES:
-        knob = fit_knob(model, fit, rule, TARGET, steps=10)
-        assert abs(measure(model, heldout, rule, knob) - TARGET) <= 0.15, rule
+        target = 0.75 if rule == "top_1_confident" else TARGET  # the only rule below one FFN expert per token
+        knob = fit_knob(model, fit, rule, target, steps=10)
+        assert abs(measure(model, heldout, rule, knob) - target) <= 0.15, rule
 
 
 def installed_chain(tmp_path: Path, chain_inputs, name: str) -> None:

@@ -140,7 +140,8 @@ def test_controller_ramp_sign_and_start(trained_moepp):
     biases = [block.gate.selection_bias for block in model.moe_blocks()]
     with torch.no_grad():
         logits = model(tokens, output_router_logits=True).router_logits
-    controller.initialise(logits, biases, model.moe_blocks()[0].layout.n_ffn)
+        scores = [block.gate.selection_scores(layer) for block, layer in zip(model.moe_blocks(), logits)]
+    controller.initialise(scores, biases, model.moe_blocks()[0].layout.n_ffn)
     controller.apply(biases)
     with torch.no_grad():
         stats = model(tokens, output_router_logits=True).routing_statistics
@@ -149,7 +150,7 @@ def test_controller_ramp_sign_and_start(trained_moepp):
     measured = stats["ffn_experts_per_token"]
     assert measured[0].item() == pytest.approx(1.95, abs=0.03)
     assert torch.allclose(measured[1:], torch.full((2,), 1.95), atol=0.07)
-    thresholds = first_pick_thresholds(logits[0], 8, 2)
+    thresholds = first_pick_thresholds(scores[0], 8, 2)
     assert (thresholds < controller.biases[0, 0]).float().mean().item() == pytest.approx(0.05, abs=0.01)
     level = controller.biases.clone()
     logged = controller.update(torch.tensor([2.0, 1.8, 1.0]))  # target after one step: 1.8

@@ -37,7 +37,7 @@ def with_config(folder, **fields):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_a_saved_top_1_rule_is_the_family_at_top_1(tmp_path, family):
     """A control checkpoint (routing_rule top_k, knob 1) computes transformers' own model at top-1."""
-    source, folder, top1 = converted(tmp_path, family)
+    _source, folder, top1 = converted(tmp_path, family)
     model = with_config(folder, routing_rule="top_k", routing_rule_knob=1.0)
     with torch.no_grad():
         output = model(TOKENS, output_router_logits=True)
@@ -86,29 +86,32 @@ def test_absolute_scores_keep_checkpoints_before_the_field(tmp_path):
     assert load_causal_lm(folder).moe_blocks()[0].gate.zero_computation_scores == "absolute"
 
 
+@pytest.mark.parametrize("signal", ["output_change", "straight_through"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_relaxed_selection_changes_no_value_and_teaches_the_zero_row(tmp_path, family):
-    """The relaxed term is exactly 0 in the forward pass; with it the Zero expert's router row gets a gradient
-    from the language-model loss, without it none (its weight is dropped, its output is 0)."""
+def test_selection_signals_change_no_value_and_teach_the_zero_row(tmp_path, family, signal):
+    """Neither signal changes the forward value; with one, the Zero expert's router row gets a gradient from the
+    training loss, without one none (its weight is dropped and its output is 0)."""
     _, folder, _ = converted(tmp_path, family)
     model = load_causal_lm(folder).train()
+    model.config.balance_loss_coef = 0.0  # the balance loss reaches every row through the probabilities
     for block in model.moe_blocks():  # switch the Zero expert on near the second FFN expert's score
         block.gate.selection_bias[: block.layout.n_zero] = -0.05 if family == "deepseek_v3" else -1.0
     gradients, logits = {}, {}
-    for temperature in (0.0, 1.0):
+    for active in (None, signal):
         for block in model.moe_blocks():
-            block.gate.straight_through_temperature = temperature
+            block.gate.selection_signal = active
         model.zero_grad()
-        output = model(TOKENS, labels=TOKENS)
+        output = model(TOKENS, labels=TOKENS, output_router_logits=True)
         output.loss.backward()
-        logits[temperature] = output.logits.detach()
+        logits[active] = output.logits.detach()
+        assert ("selection_loss" in output.routing_statistics) == (active == "output_change")
         gate = model.moe_blocks()[-1].gate
         grad = gate.zero_computation_weight.grad
-        gradients[temperature] = 0.0 if grad is None else grad[: gate.layout.n_zero].abs().sum().item()
-    assert torch.equal(logits[0.0], logits[1.0])
-    assert gradients[1.0] > 0.0
+        gradients[active] = 0.0 if grad is None else grad[: gate.layout.n_zero].abs().sum().item()
+    assert torch.equal(logits[None], logits[signal])
+    assert gradients[signal] > 0.0
     if family != "deepseek_v3":  # DeepSeek-V3's Zero keeps its sigmoid weight in the normalisation
-        assert gradients[0.0] < 1e-6 * gradients[1.0]  # rounding only: the renormalisation cancels it
+        assert gradients[None] < 1e-6 * gradients[signal]  # rounding only: the renormalisation cancels it
 
 
 def test_a_control_distils_from_the_source_not_from_its_rule(tmp_path):
@@ -130,7 +133,7 @@ def test_a_control_distils_from_the_source_not_from_its_rule(tmp_path):
 def test_train_a_control_fits_its_knob_and_saves_its_rule(tmp_path, trained_moepp, text_corpus):
     common = {"data": str(text_corpus / "train.txt"), "block_size": 32, "micro_batch_size": 4, "max_tokens": 12_000,
               "eval_max_blocks": 8, "progress": False, "tensorboard": False, "checkpoint_every": 0, "steps": 2,
-              "target_ffn_per_token": 1.5, "rule_fit_blocks": 16}
+              "target_ffn_per_token": 1.5, "budget_fit_blocks": 16}
     report = run_training(TrainOptions(model=str(trained_moepp), output=str(tmp_path / "control"),
                                        routing_rule="dynamic_skipping", **common))
     config = json.loads((tmp_path / "control" / "config.json").read_text())

@@ -130,17 +130,25 @@ def verify(source, converted, tolerance) -> None:
 @cli.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("upcycle-demo"), show_default=True,
               help="Folder for the demo's checkpoints, results.json and plots.")
-@click.option("--train-steps", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Training steps per budget (LoRA on the experts, routers, distillation).")
-@click.option("--max-heldout-blocks", type=click.IntRange(min=1), default=None,
-              help="Evaluate on at most this many held-out blocks of 256 tokens (default: all, about 55k tokens); "
+@click.option("--train-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training steps of each trained arm (MoE++ and its trained control) at each budget.")
+@click.option("--max-heldout-blocks", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Evaluate on at most this many held-out blocks of 256 tokens (about 65k tokens by default); "
                    "fewer make a quick look, not a measurement.")
-def demo(output, train_steps, max_heldout_blocks) -> None:
-    """Run the whole job on the embedded default model (no download)."""
+@click.option("--budgets", default="1.5,1.0,0.75", show_default=True,
+              help="Comma-separated budgets in FFN experts per token (between 0 and the source's top-k).")
+def demo(output, train_steps, max_heldout_blocks, budgets) -> None:
+    """Run the whole job on the embedded default model (no download), against trained controls."""
     from .demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(output=output, train_steps=train_steps, max_heldout_blocks=max_heldout_blocks),
-             echo=click.echo)
+    try:
+        targets = tuple(float(value) for value in budgets.split(",") if value.strip())
+    except ValueError:
+        raise UpcycleError(f"--budgets takes numbers separated by commas, got {budgets!r}") from None
+    if not targets or any(not 0.0 <= target <= 2.0 for target in targets):
+        raise UpcycleError(f"--budgets must be between 0 and 2 FFN experts per token (top-2), got {budgets!r}")
+    run_demo(DemoOptions(output=output, train_steps=train_steps, max_heldout_blocks=max_heldout_blocks,
+                         budgets=targets), echo=click.echo)
 
 
 def _option_type(owner: type, name: str) -> type:
@@ -211,7 +219,7 @@ def calibrate(checkpoint, target, output, data, batches, priority, overwrite, **
 @click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Evaluate at most this many blocks.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write per-layer plots (PNG) into this folder.")
-@click.option("--baseline", type=click.Choice(["dynamic_skipping", "top_p"]), default=None,
+@click.option("--baseline", type=click.Choice(["dynamic_skipping", "top_p", "top_1_confident"]), default=None,
               help="Evaluate a training-free rule on a converted checkpoint instead of its own routing (with "
                    "--target-ffn-per-token): the control MoE++ must beat at the same compute.")
 @click.option("--target-ffn-per-token", type=float, default=None,

@@ -1,9 +1,15 @@
-"""`upcycle demo`: the whole job on the embedded default, with no download.
+"""`upcycle demo`: the whole job on the embedded default, with no download, against trained controls.
 
-The shipped source (upcycle/assets/demo_model: a small Mixtral trained on the standard library's documentation by
-recipes/train_demo_source.py) is converted, then at each budget (1.5 and 1.0 FFN experts per token) calibrated,
-trained (LoRA on the experts, routers, self-distillation), and evaluated on the held-out documentation against
-the source and against the better training-free variable-k baseline at the same budget. Writes results.json, plots and the checkpoints.
+The shipped source (upcycle/assets/demo_model: a small Mixtral trained by recipes/train_demo_source.py on the
+source part of the standard library's text) is converted; then at each budget (1.5, 1.0 and 0.75 FFN experts per
+token), on the adaptation part of the text:
+- the better training-free rule (dynamic skipping or top-p; below 1, top-1 skipping unconfident layers);
+- the trained control: the source routed by a fixed rule (at 1.0 plain top-1), trained with the same recipe,
+  the same tokens, steps, trainable set and distillation as MoE++ (`upcycle train --routing-rule`);
+- MoE++ calibrated (no training) and trained (the recipe with its relaxed selection and budget controller).
+Each is evaluated on the held-out part, with its paired perplexity ratio against the trained control, and how its
+compute is spent: the share of (token, layer) pairs using 0, 1 and 2 FFN experts, per layer and overall, and
+FFN experts per token by kind of token. Writes results.json, plots and the checkpoints.
 """
 
 import json
@@ -17,10 +23,10 @@ from .budget.calibrate import CalibrateOptions, calibrate
 from .checkpoint.loading import load_causal_lm
 from .checkpoint.output_dir import atomic_output_dir
 from .data.blocks import load_checkpoint_tokenizer, load_token_blocks
-from .data.corpus import write_corpus
+from .data.corpus import write_demo_corpus
 from .errors import UpcycleError
 from .evaluation.baselines import BASELINES
-from .evaluation.evaluate import evaluate_baseline, evaluate_model
+from .evaluation.evaluate import baseline_range, evaluate_baseline, evaluate_model, paired_against
 from .evaluation.plots import write_eval_plots, write_quality_vs_compute
 from .evaluation.token_kinds import ffn_experts_by_token_kind
 from .surgery.convert import ConvertOptions, convert
@@ -29,24 +35,27 @@ from .training.recipe import run_training
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_MARKER = "results.json"
-BUDGETS = (1.5, 1.0)
+BUDGETS = (1.5, 1.0, 0.75)
 BLOCK_SIZE = 256
+ARMS = ("baseline", "control", "calibrated", "trained")
 
 
 @dataclass
 class DemoOptions:
     output: Path = Path("upcycle-demo")
-    train_steps: int = 300
-    # Tuned on the demo model (bench/RESULTS.md, "Quality versus compute"): LoRA on the FFN experts with the
-    # routers (at 1.0 the routing is top-1 and only the experts' adapting to it moves perplexity: routers alone
-    # tie the training-free baseline), self-distillation toward the source, and no balance loss (the source's
-    # routing is unbalanced by its training, and balancing it moves tokens away from the experts that learned them).
+    train_steps: int = 200
+    # The same recipe for MoE++ and its trained control (bench/RESULTS.md, "Quality versus compute"): LoRA on the
+    # attention and FFN experts with the routers, self-distillation toward the source, no balance loss (the
+    # source's routing is unbalanced by its training); MoE++ adds its relaxed selection and budget controller.
     trainable: str = "lora"
     learning_rate: float = 1e-3
     distill_weight: float = 1.0
     balance_loss_coef: float = 0.0
     calibration_blocks: int = 32
-    max_heldout_blocks: int | None = None  # None: every held-out block (about 55k tokens)
+    max_heldout_blocks: int | None = 256  # about 65k tokens; None: every held-out block
+    budgets: tuple[float, ...] = BUDGETS
+    seeds: tuple[int, ...] = (0,)  # seeds of the trained arms (bench/quality.py runs three)
+    token_kind_blocks: int = 32
 
 
 def check_demo_output(output: Path) -> None:
@@ -67,60 +76,132 @@ def summary(report, label: str) -> dict:
     return {"label": label, "perplexity": report.perplexity, "perplexity_interval_95": report.perplexity_interval_95,
             "ffn_experts_per_token": report.ffn_experts_per_token, "kl_to_source": report.kl_to_source,
             "zero_computation_share": report.zero_computation_share,
-            "ffn_experts_histogram": report.ffn_experts_histogram}
+            "ffn_experts_histogram": report.ffn_experts_histogram,
+            "ffn_experts_histogram_per_layer": [layer.ffn_experts_histogram for layer in report.per_layer],
+            "ffn_experts_per_token_per_layer": [layer.ffn_experts_per_token for layer in report.per_layer]}
 
 
-def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> dict:
-    """The better training-free baseline at the target: dynamic skipping or top-p, knob fitted on calibration.
+def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, target: float) -> tuple[dict, object]:
+    """The better training-free rule that reaches the target, knob fitted on calibration; (summary, report).
 
     `converted`: the MoE++ model straight from convert (it computes the source), whose routers run the rules.
     """
+    top_k = converted.moe_blocks()[0].gate.top_k
     candidates = []
     for rule in BASELINES:
-        report = evaluate_baseline(converted, calibration, heldout, rule, target)
-        candidates.append(summary(report, "baseline") | {"rule": rule, "knob": report.baseline["knob"]})
-    return min(candidates, key=lambda result: result["perplexity"])
+        low, high = baseline_range(rule, top_k)
+        if low <= target <= high and not (rule == "top_1_confident" and target == 1.0):  # at 1.0 it is top-1
+            report = evaluate_baseline(converted, calibration, heldout, rule, target)
+            candidates.append((summary(report, "baseline") | {"rule": rule, "knob": report.baseline["knob"]}, report))
+    return min(candidates, key=lambda candidate: candidate[0]["perplexity"])
 
 
-def run_budget(target: float, moepp: Path, folder: Path, data: Path, heldout: torch.Tensor, source,
-               options: DemoOptions, progress: Progress) -> dict:
-    name = f"{target:g}"
-    calibrated = folder / f"calibrated-{name}"
-    calibrate(moepp, calibrated, str(data / "train.txt"),
-              CalibrateOptions(target_ffn_per_token=target, batches=options.calibration_blocks // 8,
+def control_rule(target: float, baseline_rule: str) -> str:
+    """The trained control's rule: plain top-1 at 1.0 (what every rule that keeps the first expert becomes),
+    else the better training-free rule at that budget (below 1: top-1 skipping unconfident layers)."""
+    return "top_k" if target == 1.0 else baseline_rule
+
+
+class DemoRun:
+    """One demo run's shared state: data, the source, the converted model, options, progress."""
+
+    def __init__(self, folder: Path, options: DemoOptions, progress: Progress):
+        self.folder, self.options, self.progress = folder, options, progress
+        self.data = folder / "data"
+        write_demo_corpus(self.data)
+        self.tokenizer = load_checkpoint_tokenizer(DEMO_MODEL)
+        heldout = load_token_blocks(self.data / "heldout.txt", self.tokenizer, BLOCK_SIZE, heldout_fraction=0.5)
+        self.heldout = torch.cat([heldout.train, heldout.heldout])[: options.max_heldout_blocks]  # (n, L)
+        self.calibration = load_token_blocks(self.data / "adaptation.txt", self.tokenizer,
+                                             BLOCK_SIZE).train[: options.calibration_blocks]
+        self.moepp = folder / "moepp"
+
+    def train(self, name: str, model: Path, target: float, seed: int, **extra):
+        """The recipe on the adaptation text (MoE++, or a control with `routing_rule`); the trained model."""
+        output = self.folder / name
+        torch.manual_seed(seed)  # LoRA's initialisation
+        options = self.options
+        run_training(TrainOptions(
+            model=str(model), data=str(self.data / "adaptation.txt"), eval_data=str(self.data / "heldout.txt"),
+            output=str(output), run_dir=str(self.folder / "runs" / name), target_ffn_per_token=target,
+            steps=options.train_steps, trainable=options.trainable, learning_rate=options.learning_rate,
+            distill_weight=options.distill_weight, balance_loss_coef=options.balance_loss_coef, seed=seed,
+            block_size=BLOCK_SIZE, micro_batch_size=8, checkpoint_every=0, eval_max_blocks=8, ramp_fraction=0.0,
+            lr_schedule="cosine", warmup_steps=10, progress=True, tensorboard=False, **extra,
+        ), command=f"upcycle demo ({name})")
+        return load_causal_lm(output)
+
+
+def run_budget(run: DemoRun, target: float, converted) -> dict:
+    """Baseline, trained control, calibrated and trained MoE++ at one budget, each paired against the control."""
+    name, progress = f"{target:g}", run.progress
+    baseline, reports = best_baseline(converted, run.calibration, run.heldout, target)
+    progress(f"budget {name}: baseline ({baseline['rule']}) perplexity {baseline['perplexity']:.2f}")
+    rule = control_rule(target, baseline["rule"])
+    calibrated_dir = run.folder / f"calibrated-{name}"
+    calibrate(run.moepp, calibrated_dir, str(run.data / "adaptation.txt"),
+              CalibrateOptions(target_ffn_per_token=target, batches=run.options.calibration_blocks // 8,
                                block_size=BLOCK_SIZE))
-    calibrated_report = evaluate_model(load_causal_lm(calibrated), heldout, source_model=source)
+    calibrated_report = evaluate_model(load_causal_lm(calibrated_dir), run.heldout)
     progress(f"budget {name}: calibrated, perplexity {calibrated_report.perplexity:.2f} at "
              f"{calibrated_report.ffn_experts_per_token:.2f} FFN experts per token")
-    trained = folder / f"trained-{name}"
-    run_training(TrainOptions(
-        model=str(calibrated), data=str(data / "train.txt"), eval_data=str(data / "heldout.txt"),
-        output=str(trained), run_dir=str(folder / "runs" / name), target_ffn_per_token=target,
-        steps=options.train_steps, trainable=options.trainable, learning_rate=options.learning_rate,
-        distill_weight=options.distill_weight, balance_loss_coef=options.balance_loss_coef,
-        block_size=BLOCK_SIZE, micro_batch_size=8, checkpoint_every=0, eval_max_blocks=8, ramp_fraction=0.0,
-        lr_schedule="cosine", warmup_steps=10, progress=True, tensorboard=False,
-    ), command=f"upcycle demo (budget {name})")
-    trained_model = load_causal_lm(trained)
-    trained_report = evaluate_model(trained_model, heldout, source_model=source)
-    progress(f"budget {name}: trained, perplexity {trained_report.perplexity:.2f} at "
-             f"{trained_report.ffn_experts_per_token:.2f} FFN experts per token")
-    return {"target": target, "calibrated": summary(calibrated_report, "calibrated"),
-            "trained": summary(trained_report, "trained"), "_trained_model": trained_model,
-            "_trained_report": trained_report}
+    seeds = []
+    for seed in run.options.seeds:
+        suffix = f"{name}" if seed == run.options.seeds[0] else f"{name}-seed{seed}"
+        control_model = run.train(f"control-{suffix}", run.moepp, target, seed, routing_rule=rule)
+        control_report = evaluate_model(control_model, run.heldout)
+        progress(f"budget {name}: trained control ({rule}), perplexity {control_report.perplexity:.2f} at "
+                 f"{control_report.ffn_experts_per_token:.2f} FFN experts per token")
+        trained_model = run.train(f"trained-{suffix}", calibrated_dir, target, seed)
+        trained_report = evaluate_model(trained_model, run.heldout)
+        paired = paired_against(trained_report, control_report)
+        progress(f"budget {name}: trained MoE++, perplexity {trained_report.perplexity:.2f} at "
+                 f"{trained_report.ffn_experts_per_token:.2f} FFN experts per token; vs control "
+                 f"{paired['perplexity_ratio']:.3f} ({paired['interval_95'][0]:.3f}-{paired['interval_95'][1]:.3f})")
+        seeds.append({"seed": seed, "control": (control_model, control_report),
+                      "trained": (trained_model, trained_report), "paired_vs_control": paired})
+    first = seeds[0]
+    control_model, control_report = first["control"]
+    trained_model, trained_report = first["trained"]
+    budget = {
+        "target": target,
+        "baseline": baseline,
+        "control": summary(control_report, "control") | {
+            "rule": rule, "knob": control_model.moe_blocks()[0].gate.routing_rule_knob},
+        "calibrated": summary(calibrated_report, "calibrated"),
+        "trained": summary(trained_report, "trained"),
+        "token_kinds": ffn_experts_by_token_kind(trained_model, run.heldout[: run.options.token_kind_blocks],
+                                                 run.tokenizer),
+        "_reports": {"trained": trained_report},
+    }
+    for arm, report in (("baseline", reports), ("calibrated", calibrated_report), ("trained", trained_report)):
+        budget[arm]["paired_vs_control"] = paired_against(report, control_report)
+    if len(seeds) > 1:
+        budget["seeds"] = [{"seed": entry["seed"], "control_perplexity": entry["control"][1].perplexity,
+                            "trained_perplexity": entry["trained"][1].perplexity,
+                            "trained_ffn_experts_per_token": entry["trained"][1].ffn_experts_per_token,
+                            "trained_ffn_experts_histogram": entry["trained"][1].ffn_experts_histogram,
+                            "paired_vs_control": entry["paired_vs_control"]} for entry in seeds]
+    return budget
 
 
 def format_table(results: dict) -> str:
     source = results["source"]
-    lines = [f"{'':<22}{'FFN experts/token':>18}{'perplexity':>12}{'vs source':>11}",
-             f"{'source':<22}{source['ffn_experts_per_token']:>18.2f}{source['perplexity']:>12.2f}{'':>11}"]
+    lines = [(f"{'':<34}{'FFN/token':>10}{'0 / 1 / 2 FFN (%)':>20}{'perplexity':>12}{'vs source':>11}"
+             f"{'vs trained control (95%)':>28}"),
+             f"{'source':<34}{source['ffn_experts_per_token']:>10.2f}{'':>20}{source['perplexity']:>12.2f}"]
     for budget in results["budgets"]:
-        for kind in ("baseline", "calibrated", "trained"):
+        for kind in ARMS:
             row = budget[kind]
-            label = f"{kind} @ {budget['target']:g}" + (f" ({row['rule']})" if kind == "baseline" else "")
+            label = f"{kind} @ {budget['target']:g}" + (f" ({row['rule']})" if "rule" in row else "")
             change = 100 * (row["perplexity"] / source["perplexity"] - 1)
-            lines.append(f"{label:<22}{row['ffn_experts_per_token']:>18.2f}{row['perplexity']:>12.2f}"
-                         f"{change:>+10.1f}%")
+            histogram = row.get("ffn_experts_histogram") or {}
+            shares = " / ".join(f"{100 * histogram.get(str(count), 0.0):.0f}" for count in range(3))
+            paired = row.get("paired_vs_control")
+            versus = (f"{paired['perplexity_ratio']:.3f} ({paired['interval_95'][0]:.3f}-"
+                      f"{paired['interval_95'][1]:.3f})" if paired else "1")
+            lines.append(f"{label:<34}{row['ffn_experts_per_token']:>10.2f}{shares:>20}{row['perplexity']:>12.2f}"
+                         f"{change:>+10.1f}%{versus:>28}")
     return "\n".join(lines)
 
 
@@ -132,56 +213,54 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
                            "reinstall upcycle or run recipes/train_demo_source.py")
     progress = Progress(echo)
     with atomic_output_dir(output, overwrite=True) as partial:
-        data = partial / "data"
-        write_corpus(data)
-        tokenizer = load_checkpoint_tokenizer(DEMO_MODEL)
-        parts = load_token_blocks(data / "heldout.txt", tokenizer, BLOCK_SIZE, heldout_fraction=0.5)
-        heldout = torch.cat([parts.train, parts.heldout])[: options.max_heldout_blocks]  # (n, L) held-out docs
-        calibration = load_token_blocks(data / "train.txt", tokenizer, BLOCK_SIZE).train[: options.calibration_blocks]
-        source = load_causal_lm(DEMO_MODEL)
-        source_report = evaluate_model(source, heldout)
+        run = DemoRun(partial, options, progress)
+        source_report = evaluate_model(load_causal_lm(DEMO_MODEL), run.heldout)
         progress(f"source: perplexity {source_report.perplexity:.2f} on {source_report.tokens:,} held-out tokens")
-        moepp = partial / "moepp"
-        convert(DEMO_MODEL, moepp, ConvertOptions(), command="upcycle demo")
+        convert(DEMO_MODEL, run.moepp, ConvertOptions(), command="upcycle demo")
         progress("converted to MoE++ (function-preserving)")
-        converted = load_causal_lm(moepp)
+        converted = load_causal_lm(run.moepp)
 
-        results = {"source": summary(source_report, "source"), "budgets": []}
+        results = {"source": summary(source_report, "source"), "budgets": [],
+                   "heldout_tokens": source_report.tokens, "train_steps": options.train_steps,
+                   "seeds": list(options.seeds)}
         points = [results["source"]]
-        for target in BUDGETS:
-            baseline = best_baseline(converted, calibration, heldout, target)
-            progress(f"budget {target:g}: baseline ({baseline['rule']}) perplexity {baseline['perplexity']:.2f}")
-            budget = {"baseline": baseline} | run_budget(target, moepp, partial, data, heldout, source, options,
-                                                         progress)
-            points += [budget["baseline"], budget["calibrated"], budget["trained"]]
+        for target in options.budgets:
+            budget = run_budget(run, target, converted)
+            points += [budget[arm] for arm in ARMS]
             results["budgets"].append(budget)
 
         plots = partial / "plots"
         write_quality_vs_compute(points, plots / "perplexity_vs_ffn_experts.png",
                                  title="held-out perplexity vs FFN experts per token")
         lowest = results["budgets"][-1]
-        write_eval_plots(lowest["_trained_report"].as_dict(), plots)
-        kinds = ffn_experts_by_token_kind(lowest.pop("_trained_model"), heldout[:32], tokenizer)
-        write_token_kind_plot(kinds, plots / "ffn_experts_by_token_kind.png")
-        results["token_kinds"] = kinds
+        write_eval_plots(lowest["_reports"]["trained"].as_dict(), plots)
+        write_token_kind_plot({f"{budget['target']:g}": budget["token_kinds"] for budget in results["budgets"]},
+                              plots / "ffn_experts_by_token_kind.png")
         for budget in results["budgets"]:
-            budget.pop("_trained_model", None)
-            budget.pop("_trained_report", None)
+            budget.pop("_reports")
         (partial / DEMO_MARKER).write_text(json.dumps(results, indent=2) + "\n")
         echo(format_table(results))
     progress(f"wrote {output.resolve()} (results.json, plots/, checkpoints)")
     return results
 
 
-def write_token_kind_plot(kinds: dict, path: Path) -> Path:
+def write_token_kind_plot(kinds_by_budget: dict[str, dict], path: Path) -> Path:
+    """Grouped bars: FFN experts per token of each kind of token, one group per budget (trained MoE++)."""
     from .evaluation.plots import _pyplot
 
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(4.5, 3.2))
-    names = list(kinds)
-    axes.bar(names, [kinds[name]["ffn_experts_per_token"] for name in names], color="#4c72b0")
+    figure, axes = plt.subplots(figsize=(5.5, 3.4))
+    budgets = list(kinds_by_budget)
+    kinds = list(next(iter(kinds_by_budget.values())))
+    width = 0.8 / len(kinds)
+    for position, kind in enumerate(kinds):
+        axes.bar([index + position * width for index in range(len(budgets))],
+                 [kinds_by_budget[budget][kind]["ffn_experts_per_token"] for budget in budgets], width, label=kind)
+    axes.set_xticks([index + width * (len(kinds) - 1) / 2 for index in range(len(budgets))],
+                    [f"budget {budget}" for budget in budgets])
     axes.set_ylabel("FFN experts per token")
-    axes.set_title("by kind of token (lowest budget, trained)")
+    axes.set_title("by kind of token (trained MoE++)")
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -83,7 +83,25 @@ def _type_of_slot(layout) -> list[str]:
     return ["zero"] * layout.n_zero + ["copy"] * layout.n_copy + ["constant"] * layout.n_constant
 
 
-def relative_biases(current: torch.Tensor, layout, ffn_scores: torch.Tensor, priority: tuple[str, ...]) -> torch.Tensor:
+def ladder_gap(ffn_scores: torch.Tensor, relative_scores: bool) -> float:
+    """The distance between consecutive types of the priority ladder, in the bias's units.
+
+    Absolute scores: the layer's whole FFN score range, so types fill one after another. Relative scores (each
+    zero-computation score is raised by the token's best FFN score): the spread over tokens of the gap between
+    the best two FFN scores, so the next type sits just behind the best FFN expert, where training can teach
+    the tokens that need no FFN expert to take it (the relaxed selection learns from pairs near the boundary).
+    """
+    finite_scores = ffn_scores[torch.isfinite(ffn_scores)]
+    if not relative_scores:
+        return float(finite_scores.max() - finite_scores.min()) + 1.0
+    best_two = ffn_scores.topk(2, dim=-1).values  # (T, 2)
+    margins = best_two[:, 0] - best_two[:, 1]
+    margins = margins[torch.isfinite(margins)]
+    return float(margins.std()) if margins.numel() > 1 else 1.0
+
+
+def relative_biases(current: torch.Tensor, layout, ffn_scores: torch.Tensor, priority: tuple[str, ...],
+                    relative_scores: bool = False) -> torch.Tensor:
     """(Z,) biases up to the offset: the current ones if any is finite, else the priority ladder (see module doc).
 
     ffn_scores (T, N): the router's FFN selection scores (`selection_scores`, the selection bias's units).
@@ -91,8 +109,7 @@ def relative_biases(current: torch.Tensor, layout, ffn_scores: torch.Tensor, pri
     if not torch.isneginf(current).all():
         finite = current[torch.isfinite(current)]
         return current.float() - finite.max().float()
-    finite_scores = ffn_scores[torch.isfinite(ffn_scores)]
-    gap = float(finite_scores.max() - finite_scores.min()) + 1.0  # the layer's whole score range: types fill in turn
+    gap = ladder_gap(ffn_scores, relative_scores)
     rank = {kind: position for position, kind in enumerate(priority)}
     return torch.tensor([-gap * rank[kind] for kind in _type_of_slot(layout)], dtype=torch.float32)
 
@@ -169,7 +186,8 @@ def calibrate_model(model, batches: list[torch.Tensor], target: float, priority:
         logits = layer_router_logits(model, layer, batches)  # (T, N+Z)
         router, layout = block.gate, block.layout
         ffn_scores = router.selection_scores(logits)[:, : layout.n_ffn]  # (T, N), in the bias's units
-        relative = relative_biases(router.selection_bias, layout, ffn_scores, priority)
+        relative = relative_biases(router.selection_bias, layout, ffn_scores, priority,
+                                   router.zero_computation_scores == "relative")
         offset, bias, reached = bisect_offset(router, logits, relative, target, stored_dtype)
         block.gate.selection_bias.copy_(bias.to(block.gate.selection_bias.dtype))
         results.append(LayerCalibration(layer, offset, reached, bias.tolist()))

@@ -127,8 +127,26 @@ def _what_was_done(config: dict, summary: CheckpointSummary, provenance: dict, b
         f"right after `upcycle convert` every bias is -inf, so the model computes what the source did; calibration "
         f"or training raises them to lower the number of FFN experts per token.{residual} Zero-expert semantics "
         f"`{semantics}`: {ZERO_SEMANTICS.get(semantics, 'see config.json')}. Denominator `{denominator}`: "
-        f"{DENOMINATORS.get(denominator, 'see config.json')}."
+        f"{DENOMINATORS.get(denominator, 'see config.json')}. Zero-computation scores "
+        f"`{config.get('zero_computation_scores', 'absolute')}`: "
+        f"{SCORES.get(config.get('zero_computation_scores', 'absolute'), 'see config.json')}.{_control(config)}"
     )
+
+
+SCORES = {
+    "relative": "a zero-computation expert's selection score is its router output plus the token's best FFN score",
+    "absolute": "a zero-computation expert's selection score is its router output alone",
+}
+
+
+def _control(config: dict) -> str:
+    """A trained control's routing rule, in one sentence (none for an MoE++ model)."""
+    rule = config.get("routing_rule")
+    if rule is None:
+        return ""
+    return (f"\n\n**This checkpoint is a trained control, not an MoE++ model**: it routes as its source with FFN "
+            f"slots dropped by the rule `{rule}` (knob {config.get('routing_rule_knob', 0.0):.4g}), and was trained "
+            "with the same recipe as the MoE++ model it is compared with (`upcycle train --routing-rule`).")
 
 
 def _local_origin(provenance: dict) -> str:

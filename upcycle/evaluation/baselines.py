@@ -22,7 +22,8 @@ import torch
 from ..errors import UpcycleError
 from ..modeling.moepp_fields import ROUTING_RULES
 
-BASELINES = ("dynamic_skipping", "top_p")  # the training-free rules a converted model is compared with
+# the training-free rules a converted model is compared with (top_1_confident: below one FFN expert per token)
+BASELINES = ("dynamic_skipping", "top_p", "top_1_confident")
 
 
 @dataclass

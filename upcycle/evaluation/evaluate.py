@@ -72,9 +72,12 @@ class EvalReport:
     perplexity_ratio_to_source_interval_95: tuple[float, float] | None = None
     # a training-free baseline's routing ({"rule", "knob", "target"}), None for the model's own routing
     baseline: dict | None = None
+    # (n,) mean loss per block, for paired comparisons of models on the same blocks (`paired_against`); not in JSON
+    block_losses: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         data = asdict(self)
+        data.pop("block_losses", None)
         data["perplexity_interval_95"] = list(self.perplexity_interval_95)
         if self.perplexity_ratio_to_source_interval_95 is not None:
             data["perplexity_ratio_to_source_interval_95"] = list(self.perplexity_ratio_to_source_interval_95)
@@ -94,6 +97,15 @@ def paired_ratio(block_losses: torch.Tensor, reference_losses: torch.Tensor,
     means = differences[picks].mean(dim=1)  # (resamples,)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return math.exp(differences.mean().item()), (math.exp(low), math.exp(high))
+
+
+def paired_against(report: "EvalReport", reference: "EvalReport") -> dict:
+    """Perplexity ratio of `report` over `reference` (evaluated on the same blocks) and its 95% bootstrap interval."""
+    if report.block_losses is None or reference.block_losses is None or \
+            report.block_losses.shape != reference.block_losses.shape:
+        raise UpcycleError("a paired comparison needs both models evaluated on the same blocks")
+    ratio, interval = paired_ratio(report.block_losses, reference.block_losses)
+    return {"perplexity_ratio": ratio, "interval_95": list(interval)}
 
 
 def model_top_k(model) -> int | None:
@@ -260,30 +272,34 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
                                if totals.used_counts is not None else None),
         perplexity_ratio_to_source=ratio,
         perplexity_ratio_to_source_interval_95=ratio_interval,
+        block_losses=losses,
     )
 
 
 def evaluate_baseline(model, fit_blocks: torch.Tensor, heldout: torch.Tensor, rule: str, target: float,
                       source_model=None, batch_size: int = 8) -> EvalReport:
     """A training-free rule at a budget: the knob fitted on `fit_blocks`, then `evaluate_model` on `heldout`
-    with the rule routing. FFN experts per token and their histogram are the rule's (its counter); per-layer
-    routing and the zero-computation shares, which the model's own statistics would report, are left out."""
+    with every router routing by the rule (its `routing_rule`: the statistics are the rule's own). The
+    zero-computation shares are left at 0: a dropped slot is no expert, not a Zero expert."""
     if rule not in BASELINES:
         raise UpcycleError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
     top_k = model.moe_blocks()[0].gate.top_k if hasattr(model, "moe_blocks") else None
-    if top_k is not None and not 1 <= target <= top_k:
-        raise UpcycleError(f"a training-free baseline keeps between 1 and {top_k} FFN experts per token; "
+    low, high = baseline_range(rule, top_k or 1)
+    if top_k is not None and not low <= target <= high:
+        raise UpcycleError(f"the {rule} baseline keeps between {low:g} and {high:g} FFN experts per token; "
                            f"got a target of {target:g}")
     knob = fit_knob(model, fit_blocks, rule, target)
-    with variable_k_routing(model, rule, knob) as counter:
+    with variable_k_routing(model, rule, knob):
         report = evaluate_model(model, heldout, source_model, batch_size)
-    return dataclasses.replace(
-        report, ffn_experts_per_token=counter.ffn_experts_per_token,
-        ffn_experts_histogram=counter.ffn_experts_histogram, per_layer=[], ffn_load_cv=None,
-        zero_computation_share={kind: 0.0 for kind in report.zero_computation_share},
-        baseline={"rule": rule, "knob": knob, "target": target},
-    )
+    for layer in report.per_layer:
+        layer.zero_share = 0.0
+    return dataclasses.replace(report, zero_computation_share={kind: 0.0 for kind in report.zero_computation_share},
+                               baseline={"rule": rule, "knob": knob, "target": target})
 
+
+def baseline_range(rule: str, top_k: int) -> tuple[float, float]:
+    """The FFN experts per token a training-free rule can reach: top_1_confident 0 to 1, the others 1 to k."""
+    return (0.0, 1.0) if rule == "top_1_confident" else (1.0, float(top_k))
 
 
 @dataclass(kw_only=True)
@@ -292,7 +308,7 @@ class EvalOptions(DataOptions):
 
     batch_size: int = 8
     max_blocks: int | None = None
-    baseline: str | None = None  # dynamic_skipping or top_p: evaluate that training-free rule instead
+    baseline: str | None = None  # dynamic_skipping, top_p or top_1_confident: evaluate that rule instead
     target_ffn_per_token: float | None = None  # the baseline's budget (its knob is fitted on the train blocks)
     fit_blocks: int = 32  # train blocks the baseline's knob is fitted on
 

@@ -86,8 +86,9 @@ class MoePPOpenMoeSparseBlock(nn.Module):
         ffn_weights = ffn_weights.masked_fill(~keep, 0.0)
         output = self.experts(tokens, ffn_index, ffn_weights)  # (T, D)
         output = output + self.zero_computation_experts(tokens, top_k_index, top_k_weights)
-        if self.training and self.gate.straight_through_temperature > 0:
-            output = with_relaxed_selection(output, self.gate, logits, top_k_index, each_expert_output(
+        if self.training and self.gate.selection_signal is not None:
+            output = with_relaxed_selection(output, self.gate, tokens, previous_logits, logits, top_k_index,
+                                            each_expert_output(
                 self.experts, self.zero_computation_experts, tokens, self.layout.n_ffn))
         return output.view(batch, length, hidden), logits
 

@@ -83,11 +83,13 @@ class MoePPRouter(nn.Module):
         # (Z,) selection-only bias (not trained): added to the scores for top-k selection, not to the weights
         self.register_buffer("selection_bias", torch.full((layout.n_zero_computation,), float("-inf")))
         # Selection settings from the config (`configure_selection`); these defaults are a checkpoint's before the
-        # fields existed. `straight_through` is training-only, set by the recipe (`relaxed_selection_term`).
+        # fields existed. `selection_signal` is training-only, set by the recipe (`relaxed_selection_term`).
         self.zero_computation_scores = "absolute"
         self.routing_rule: str | None = None
         self.routing_rule_knob = 0.0
-        self.straight_through_temperature = 0.0  # 0: off; else the relaxation's temperature in margin spreads
+        self.selection_signal: str | None = None  # training only: see `relaxed_selection_term` (None: off)
+        self.selection_temperature = 1.0  # in spreads of the pairs' margins
+        self.selection_loss: torch.Tensor | None = None  # the "output_change" loss of the last forward
 
     def configure_selection(self, config) -> "MoePPRouter":
         """Read the config's selection fields (`zero_computation_scores`, `routing_rule`, `routing_rule_knob`)."""
@@ -387,29 +389,42 @@ def routing_statistics(router_logits: list[torch.Tensor], selection_biases: list
     return stats
 
 
-def relaxed_selection_term(router: MoePPRouter, logits: torch.Tensor, top_k_index: torch.Tensor,
-                           expert_outputs) -> torch.Tensor | None:
-    """The learning signal of zero-computation selection (training only): exactly 0 in the forward pass.
+SELECTION_SIGNALS = ("output_change", "straight_through")
+
+
+def relaxed_selection_term(router: MoePPRouter, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None,
+                           logits: torch.Tensor, top_k_index: torch.Tensor, expert_outputs) -> torch.Tensor | None:
+    """The learning signal of zero-computation selection (training only; `router.selection_signal`).
 
     Selection is a top-k over FFN and zero-computation scores, so the language-model loss gives the
     zero-computation rows of the router no gradient about *which* tokens should skip FFN work. Pair a token's
     FFN candidates with the zero-computation candidates they compete with: the j-th best FFN expert is selected
-    exactly when it beats the (k-j)-th best zero-computation expert (scores plus bias). For each pair the gate
-    g = sigmoid(margin / temperature) enters the output as (g - stop_gradient(g)) * delta, where delta (T, D) is
-    the layer's output with the FFN expert minus without it (both computed without gradient from the family's own
-    weights). The forward value is unchanged; the gradient of the margin is the first-order change of the loss
-    when the pair flips, so a token whose FFN expert barely moves the loss raises its zero-computation score and a
-    token that needs it lowers it. The budget controller then keeps the mean on target.
+    exactly when it beats the (k-j)-th best zero-computation expert (scores plus bias); the pair's margin is
+    the difference, and delta (T, D) the layer's output with that FFN expert minus without it (both computed
+    without gradient, with the family's own weights). Two signals from there:
 
-    logits (T, N+Z) with gradient; top_k_index (T, k) the forward's selection; expert_outputs(index (T, m)) ->
-    (T, m, D): each listed expert's output with weight 1, without gradient. Returns (T, D), or None when nothing
-    can flip (a routing rule, every zero-computation expert switched off, or the relaxation turned off).
+    - "output_change" (default): targets from the layer itself. A pair keeps its FFN expert in the target when its
+      delta's norm is among the largest of the batch (pooled over tokens and pair positions), as many as keep
+      one now (so the target asks for the same compute, and the budget controller alone moves the amount); the
+      margins learn it with a logistic loss, kept in `router.selection_loss` for the model's head to add.
+    - "straight_through": the gate g = sigmoid(margin / temperature) enters the output as (g - stop_gradient(g))
+      * delta: exactly 0 in value, and the margin's gradient is the first-order change of the loss when the pair
+      flips (centred over the batch's tokens). Measured noisier (bench/RESULTS.md).
+
+    Either way the signal reaches the router's parameters only: the scores are recomputed from detached inputs,
+    so it flows neither into the hidden states nor into earlier routers through the gating residual.
+
+    hidden_states (T, D) and previous_logits (T, N+Z) or None: the router's inputs; logits (T, N+Z) its output;
+    top_k_index (T, k) the forward's selection; expert_outputs(index (T, m)) -> (T, m, D): each listed expert's
+    output with weight 1, without gradient. Returns the term to add to the output (T, D), or None.
     """
+    router.selection_loss = None
     bias = router.selection_bias
-    if router.straight_through_temperature <= 0 or router.routing_rule is not None or not torch.isfinite(bias).any():
+    if router.selection_signal is None or router.routing_rule is not None or not torch.isfinite(bias).any():
         return None
     n_ffn, top_k = router.layout.n_ffn, router.top_k
-    scores = router.selection_scores(logits)  # (T, N+Z), gradient through the zero-computation rows
+    previous = previous_logits.detach() if previous_logits is not None else None
+    scores = router.selection_scores(router.compute_logits(hidden_states.detach(), previous))  # (T, N+Z)
     biased_zero_computation = scores[:, n_ffn:] + bias.float()  # (T, Z), -inf where switched off
     n_candidates = min(top_k, router.layout.n_zero_computation)
     ffn_values, ffn_index = scores[:, :n_ffn].detach().topk(top_k, dim=-1)  # (T, k) best first
@@ -430,7 +445,7 @@ def relaxed_selection_term(router: MoePPRouter, logits: torch.Tensor, top_k_inde
             return (weights[..., None].to(chosen.dtype) * chosen).sum(dim=1)
 
         selected = layer_output(top_k_index)  # (T, D)
-        deltas = []
+        deltas, kept = [], []
         for j in pairs:
             ffn, zc = ffn_index[:, j : j + 1], zc_index[:, top_k - 1 - j : top_k - j]  # (T, 1) each
             ffn_in = (top_k_index == ffn).any(dim=-1, keepdim=True)  # (T, 1)
@@ -438,12 +453,26 @@ def relaxed_selection_term(router: MoePPRouter, logits: torch.Tensor, top_k_inde
             flipped = torch.where((top_k_index == zc) & ~ffn_in, ffn, flipped)
             alternative = layer_output(flipped)
             deltas.append(torch.where(ffn_in, selected - alternative, alternative - selected))  # with - without
+            kept.append(ffn_in[:, 0])
     margins = torch.stack([ffn_values[:, j] - zc_values[:, top_k - 1 - j] for j in pairs], dim=-1)  # (T, P)
     finite = torch.isfinite(margins)
     if not bool(finite.any()):
         return None
     spread = margins.detach()[finite].std() if int(finite.sum()) > 1 else margins.new_ones(())
-    temperature = router.straight_through_temperature * spread.clamp_min(1e-3)
-    gates = torch.sigmoid(margins.masked_fill(~finite, 0.0) / temperature) * finite  # (T, P)
+    temperature = router.selection_temperature * spread.clamp_min(1e-3)
+    safe = margins.masked_fill(~finite, 0.0) / temperature  # (T, P)
+    if router.selection_signal == "output_change":
+        change = torch.stack([delta.float().norm(dim=-1) for delta in deltas], dim=-1)[finite]  # (M,) pairs
+        keep_now = torch.stack(kept, dim=-1)[finite]  # (M,)
+        if change.numel() >= 2:
+            # as many kept FFN experts as now, pooled over tokens and pair positions: a token's second expert
+            # can earn compute that another token's first expert gives up
+            threshold = torch.quantile(change, (1.0 - keep_now.float().mean()).clamp(0.0, 1.0))
+            target = (change >= threshold).float()  # keep the FFN experts that move the output most
+            router.selection_loss = F.binary_cross_entropy_with_logits(safe[finite], target)
+        return None
+    mean = safe.sum(dim=0) / finite.sum(dim=0).clamp_min(1)  # (P,) over the batch's tokens
+    centred = torch.where(finite, safe - mean + mean.detach(), safe)  # same values, centred gradient
+    gates = torch.sigmoid(centred) * finite  # (T, P)
     relaxed = gates - gates.detach()  # exactly 0, with the gates' gradient
     return sum(relaxed[:, p, None].to(delta.dtype) * delta for p, delta in enumerate(deltas))

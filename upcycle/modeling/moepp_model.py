@@ -78,10 +78,11 @@ def each_expert_output(ffn_output, zero_computation_experts: ZeroComputationExpe
     return outputs
 
 
-def with_relaxed_selection(output: torch.Tensor, router: MoePPRouter, logits: torch.Tensor,
-                           top_k_index: torch.Tensor, expert_outputs) -> torch.Tensor:
+def with_relaxed_selection(output: torch.Tensor, router: MoePPRouter, tokens: torch.Tensor,
+                           previous_logits: torch.Tensor | None, logits: torch.Tensor, top_k_index: torch.Tensor,
+                           expert_outputs) -> torch.Tensor:
     """output (T, D) plus the training-only relaxed-selection term (exactly 0 in value; see moepp_layer)."""
-    term = relaxed_selection_term(router, logits, top_k_index, expert_outputs)
+    term = relaxed_selection_term(router, tokens, previous_logits, logits, top_k_index, expert_outputs)
     return output if term is None else output + term.to(output.dtype)
 
 
@@ -155,8 +156,9 @@ class MoePPBlockMixin:
         else:
             output = self.ffn_experts_on_routed_slots(tokens, ffn_index, ffn_weights)  # (T, D)
         output = output + self.zero_computation_experts(tokens, top_k_index, top_k_weights)
-        if self.training and self.gate.straight_through_temperature > 0:
-            output = with_relaxed_selection(output, self.gate, logits, top_k_index, each_expert_output(
+        if self.training and self.gate.selection_signal is not None:
+            output = with_relaxed_selection(output, self.gate, tokens, previous_logits, logits, top_k_index,
+                                            each_expert_output(
                 self.ffn_experts_on_routed_slots, self.zero_computation_experts, tokens, self.layout.n_ffn))
         shared = self.shared_expert_output(tokens)
         if shared is not None:
@@ -336,6 +338,10 @@ def add_balance_loss(model, outputs, loss, attention_mask, top_k: int):
     aux_loss = stats["balance_loss"]
     if loss is not None:
         loss = loss + model.config.balance_loss_coef * aux_loss.to(loss.device)
+        selection = [block.gate.selection_loss for block in blocks if block.gate.selection_loss is not None]
+        if selection:  # training with the "output_change" selection signal (moepp_layer.relaxed_selection_term)
+            stats["selection_loss"] = torch.stack(selection).sum()
+            loss = loss + stats["selection_loss"].to(loss.device)
     return loss, aux_loss, stats
 
 

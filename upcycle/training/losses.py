@@ -102,7 +102,10 @@ def compute_losses(model: nn.Module, input_ids: torch.Tensor, selection_biases: 
     output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, use_cache=False)
     balance = output.aux_loss.float()
     loss = output.loss
+    selection = output.routing_statistics.get("selection_loss")  # the "output_change" selection signal's loss
     lm_loss = loss.detach().float() - balance_loss_coef * balance.detach()
+    if selection is not None:
+        lm_loss = lm_loss - selection.detach().float()
     distill = torch.zeros((), device=loss.device)
     if teacher_logits is not None:
         distill = distillation_kl(output.logits, teacher_logits, distill_temperature)

@@ -20,7 +20,7 @@ from ..errors import UpcycleError
 TRAINABLE_SETS = ("default", "lora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
-SELECTION_GRADIENTS = ("straight_through", "none")
+SELECTION_SIGNALS = ("auto", "output_change", "straight_through", "none")  # moepp_layer's, plus auto and none
 ROUTING_RULES = ("top_k", "dynamic_skipping", "top_p", "top_1_confident")  # upcycle.modeling.moepp_fields's
 
 
@@ -52,13 +52,16 @@ class TrainOptions(DataOptions):
         None, "Train a control instead of MoE++ routing: the source's routing with FFN slots dropped by this rule "
               "(top_k, dynamic_skipping, top_p, top_1_confident), its knob fitted to --target-ffn-per-token on the "
               "training text before and after training.", choices=ROUTING_RULES)
-    selection_gradient: str = _option(
-        "straight_through", "How routers learn which tokens need FFN experts: straight_through (the relaxed "
-                            "selection of docs/training.md) or none (only through the top-k weights).",
-        choices=SELECTION_GRADIENTS)
-    straight_through_temperature: float = _option(
-        1.0, "Temperature of the relaxed selection, in spreads of the FFN-vs-zero-computation score margins.")
-    rule_fit_blocks: int = _option(32, "Training blocks the control's knob is fitted on (--routing-rule).")
+    selection_signal: str = _option(
+        "auto", "How routers learn which tokens need FFN experts (docs/training.md): output_change (targets from "
+                "how much each FFN expert moves the layer's output), straight_through (first-order loss change "
+                "through a relaxed selection), none (only through the top-k weights), or auto (output_change below "
+                "k minus the Zero experts, none otherwise: the measured better one).",
+        choices=SELECTION_SIGNALS)
+    selection_temperature: float = _option(
+        1.0, "Temperature of the selection signal's sigmoid, in spreads of the FFN-vs-zero-computation margins.")
+    budget_fit_blocks: int = _option(
+        32, "Training blocks the budget is landed on after training (a control's knob, MoE++'s bias offsets).")
     # Trainable set and losses
     trainable: str = _option("default", "Trainable set: default (routers + constant experts), lora or full.",
                              choices=TRAINABLE_SETS)
@@ -96,7 +99,7 @@ class TrainOptions(DataOptions):
             if not getattr(self, name):
                 raise UpcycleError(f"missing {name}: pass --{name} (or set `{name}:` in the config)")
         for name, choices in (("trainable", TRAINABLE_SETS), ("mixed_precision", MIXED_PRECISION),
-                              ("lr_schedule", LR_SCHEDULES), ("selection_gradient", SELECTION_GRADIENTS)):
+                              ("lr_schedule", LR_SCHEDULES), ("selection_signal", SELECTION_SIGNALS)):
             if getattr(self, name) not in choices:
                 raise UpcycleError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         positive = ("steps", "micro_batch_size", "gradient_accumulation_steps", "block_size", "lora_rank",
@@ -119,8 +122,8 @@ class TrainOptions(DataOptions):
                 raise UpcycleError(f"routing_rule must be one of {', '.join(ROUTING_RULES)}, got {self.routing_rule!r}")
             if self.target_ffn_per_token is None:
                 raise UpcycleError("a control (--routing-rule) needs --target-ffn-per-token: its knob is fitted to it")
-        if self.straight_through_temperature <= 0 or self.rule_fit_blocks < 1:
-            raise UpcycleError("straight_through_temperature must be greater than 0 and rule_fit_blocks 1 or more")
+        if self.selection_temperature <= 0 or self.budget_fit_blocks < 1:
+            raise UpcycleError("selection_temperature must be greater than 0 and budget_fit_blocks 1 or more")
         if self.target_ffn_per_token is not None and self.target_ffn_per_token < 0:
             raise UpcycleError(f"target_ffn_per_token must be 0 or more, got {self.target_ffn_per_token}")
         self.validate_data_options()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..budget.calibrate import calibrate_model
 from ..budget.controller import BudgetController
 from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
@@ -77,7 +78,7 @@ def learning_rate_factor(options: TrainOptions):
 
 def set_selection_learning(model, options: TrainOptions, rule_blocks: torch.Tensor) -> None:
     """A control (`routing_rule`): every router routes by the rule, its knob fitted on `rule_blocks` to the target.
-    MoE++: the relaxed selection (`selection_gradient`) is switched on for training."""
+    MoE++: the selection signal (`selection_signal`) is switched on for training."""
     routers = [block.gate for block in model.moe_blocks()]
     if options.routing_rule is not None:
         was_training = model.training
@@ -86,10 +87,50 @@ def set_selection_learning(model, options: TrainOptions, rule_blocks: torch.Tens
         for router in routers:
             router.routing_rule, router.routing_rule_knob = options.routing_rule, knob
         return
-    relaxed = options.selection_gradient == "straight_through"
+    signal = resolved_selection_signal(options, routers[0])
     for router in routers:
         router.routing_rule = None
-        router.straight_through_temperature = options.straight_through_temperature if relaxed else 0.0
+        router.selection_signal, router.selection_temperature = signal, options.selection_temperature
+
+
+def resolved_selection_signal(options: TrainOptions, router) -> str | None:
+    """`auto`: output_change when the budget needs tokens with fewer FFN experts than the Zero experts alone leave
+    (below k - n_zero: a second zero-computation slot must go to the right tokens), none otherwise (measured in
+    bench/RESULTS.md: at 0.75 of top-2 only output_change reaches the budget, at 1.0 it costs 8% against none)."""
+    if options.selection_signal == "auto":
+        target = options.target_ffn_per_token
+        needs = target is not None and target < router.top_k - router.layout.n_zero
+        return "output_change" if needs else None
+    return None if options.selection_signal == "none" else options.selection_signal
+
+
+def land_on_budget(model, options: TrainOptions, blocks: torch.Tensor) -> None:
+    """After training, on `blocks` of the training text: a control's knob is fitted again; an MoE++ model's biases
+    are calibrated again (their differences kept, one offset per layer), so both arms end on the budget."""
+    if options.routing_rule is not None:
+        set_selection_learning(model, options, blocks)
+        return
+    was_training = model.training
+    calibrate_model(model.eval(), list(blocks.split(8)), options.target_ffn_per_token)
+    model.train(was_training)
+
+
+KNOB_STEP = 0.05  # knob change per FFN expert per token of error, per step (the knobs live in [0, 1])
+
+
+def steer_rule_knob(moe_blocks: list, options: TrainOptions, measured: float) -> float:
+    """A control's budget during training: its knob follows the measured FFN experts per token, as MoE++'s
+    controller steers its biases (training moves the router's probabilities, so a fixed knob drifts).
+    Thresholds (dynamic_skipping, top_1_confident) rise when too many experts are used, p (top_p) falls;
+    top_k has no knob to steer."""
+    routers = [block.gate for block in moe_blocks]
+    knob = routers[0].routing_rule_knob
+    if options.routing_rule != "top_k":
+        direction = -1.0 if options.routing_rule == "top_p" else 1.0
+        knob = min(1.0, max(0.0, knob + direction * KNOB_STEP * (measured - options.target_ffn_per_token)))
+        for router in routers:
+            router.routing_rule_knob = knob
+    return knob
 
 
 def routing_rule_fields(moe_blocks: list) -> dict:
@@ -154,7 +195,7 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
     model = load_model(options)
     moe_blocks = model.moe_blocks()
     source_top_k = moe_blocks[0].gate.top_k  # the router's own top-k, whatever the family's config calls it
-    rule_blocks = blocks.train[: options.rule_fit_blocks]
+    rule_blocks = blocks.train[: options.budget_fit_blocks]
     set_selection_learning(model, options, rule_blocks)
     model, trainable = select_trainable(model, options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate,
@@ -202,8 +243,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
             if options.checkpoint_every and done % options.checkpoint_every == 0 and done < options.steps:
                 checkpointing.save_checkpoint(accelerator, run_dir, done, world_size, record,
                                               options.keep_checkpoints)
-        if options.routing_rule is not None:  # the knob again, for the trained weights
-            set_selection_learning(accelerator.unwrap_model(model), options, rule_blocks)
+        if options.target_ffn_per_token is not None:  # training moved the routing: land the budget again
+            land_on_budget(accelerator.unwrap_model(model), options, rule_blocks)
         # Held-out evaluation, then the output checkpoint
         with accelerator.autocast():
             result = evaluate_heldout(model, heldout, options.micro_batch_size, rank, world_size,
@@ -273,6 +314,9 @@ def train_step(step: int, model, optimizer, scheduler, accelerator: Accelerator,
     if controller is not None:
         record |= controller.update(ffn_per_layer)
         controller.apply(selection_biases())
+    elif options.routing_rule is not None:
+        record["routing_rule_knob"] = steer_rule_knob(selection_biases.moe_blocks, options,
+                                                      ffn_per_layer.mean().item())
     tokens = order.blocks_per_step * train_blocks.shape[1]
     seconds = time.perf_counter() - started
     record |= {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
