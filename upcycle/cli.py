@@ -130,7 +130,7 @@ def verify(source, converted, tolerance) -> None:
 @cli.command()
 @click.option("--output", type=click.Path(path_type=Path), default=Path("upcycle-demo"), show_default=True,
               help="Folder for the demo's checkpoints, results.json and plots.")
-@click.option("--train-steps", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--train-steps", type=click.IntRange(min=1), default=150, show_default=True,
               help="Training steps of each trained arm (MoE++ and its trained control) at each budget.")
 @click.option("--max-heldout-blocks", type=click.IntRange(min=1), default=256, show_default=True,
               help="Evaluate on at most this many held-out blocks of 256 tokens (about 65k tokens by default); "

@@ -43,7 +43,7 @@ ARMS = ("baseline", "control", "calibrated", "trained")
 @dataclass
 class DemoOptions:
     output: Path = Path("upcycle-demo")
-    train_steps: int = 200
+    train_steps: int = 150
     # The same recipe for MoE++ and its trained control (bench/RESULTS.md, "Quality versus compute"): LoRA on the
     # attention and FFN experts with the routers, self-distillation toward the source, no balance loss (the
     # source's routing is unbalanced by its training); MoE++ adds its relaxed selection and budget controller.
@@ -167,7 +167,7 @@ def run_budget(run: DemoRun, target: float, converted) -> dict:
         "target": target,
         "baseline": baseline,
         "control": summary(control_report, "control") | {
-            "rule": rule, "knob": control_model.moe_blocks()[0].gate.routing_rule_knob},
+            "rule": rule, "knob_per_layer": [block.gate.routing_rule_knob for block in control_model.moe_blocks()]},
         "calibrated": summary(calibrated_report, "calibrated"),
         "trained": summary(trained_report, "trained"),
         "token_kinds": ffn_experts_by_token_kind(trained_model, run.heldout[: run.options.token_kind_blocks],

@@ -315,3 +315,32 @@ def calibrate(checkpoint: Path, output: Path, data: str, options: CalibrateOptio
 def _refresh_model_card(folder: Path, name: str) -> None:
     """Rebuild README.md from the folder's files (the card lists every step of upcycle.json's history)."""
     write_model_card(folder, name=name)
+
+
+@torch.no_grad()
+def fit_rule_per_layer(model, batches: list[torch.Tensor], rule: str, target: float) -> list[float]:
+    """A trained control's knobs, one per MoE layer, fitted front to back as calibration fits biases, so that
+    every layer (not only the mean) uses `target` FFN experts per token under `rule`. Every router is set to the
+    rule; each layer's knob is found by bisection on its captured router logits, through its own selection."""
+    routers = [block.gate for block in model.moe_blocks()]
+    for router in routers:
+        router.routing_rule = rule
+    knobs = []
+    for layer, router in enumerate(routers):
+        if rule == "top_k":
+            knob = float(round(target))
+        else:
+            logits = layer_router_logits(model, layer, batches)  # (T, N+Z), earlier layers at their knobs
+            low, high = (0.0, 0.5) if rule == "dynamic_skipping" else (0.0, 1.0)
+            keeps_more_when_higher = rule == "top_p"
+            for _ in range(30):
+                router.routing_rule_knob = (low + high) / 2
+                used = (router.select_experts(logits) < router.layout.n_ffn).sum(dim=-1).float().mean().item()
+                if (used > target) != keeps_more_when_higher:
+                    low = router.routing_rule_knob
+                else:
+                    high = router.routing_rule_knob
+            knob = (low + high) / 2
+        router.routing_rule_knob = knob
+        knobs.append(knob)
+    return knobs

@@ -29,6 +29,7 @@ class CheckpointSummary:
     ffn_experts_per_token: float | None  # at the current budget; None when it depends on the data
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
     provenance: dict | None = None
+    routing: dict | None = None  # MoE++ selection fields: scores, and a trained control's rule and knob
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +90,9 @@ def inspect_checkpoint(path: Path) -> CheckpointSummary:
         layers=int(config["num_hidden_layers"]), moe_layers=len(moe_layers), experts=experts,
         experts_per_token=top_k, parameters_total=total, parameters_added=added,
         parameters_active_per_token=active, ffn_experts_per_token=budget, files=files, provenance=provenance,
+        routing={"zero_computation_scores": config.get("zero_computation_scores", "absolute"),
+                 "routing_rule": config.get("routing_rule"), "routing_rule_knob": config.get("routing_rule_knob")}
+        if moepp_spec else None,
     )
 
 
@@ -107,6 +111,10 @@ def format_summary(summary: CheckpointSummary) -> str:
         f"  active:      {active}",
         f"  files:       {len(summary.files)} shards, {sum(summary.files.values()):,} bytes",
     ]
+    if summary.routing:
+        rule = summary.routing["routing_rule"]
+        lines.append(f"  routing:     zero-computation scores {summary.routing['zero_computation_scores']}" + (
+            f"; a trained control: rule {rule}, knob {summary.routing['routing_rule_knob']:.4g}" if rule else ""))
     if summary.provenance:
         steps = ", ".join(step.get("step", "?") for step in summary.provenance.get("history", []))
         lines.append(

@@ -98,7 +98,7 @@ class MoePPOpenMoeDecoderLayer(OpenMoeDecoderLayer):
         # The first MoE layer has no previous logits, so it has no gating-residual matrix.
         is_first_moe_layer = layer_idx == config.moe_layers()[0]
         block = MoePPOpenMoeSparseBlock(config, has_residual=config.gating_residual and not is_first_moe_layer)
-        block.gate.configure_selection(config)
+        block.gate.configure_selection(config, config.moe_layers().index(layer_idx))
         return block
 
 

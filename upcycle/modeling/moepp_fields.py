@@ -49,6 +49,7 @@ class MoePPFields:
     zero_computation_scores: str = "absolute"
     routing_rule: str | None = None  # None: MoE++ routing; else one of ROUTING_RULES (a trained control)
     routing_rule_knob: float = 0.0
+    routing_rule_layer_knobs: list[float] | None = None  # one knob per MoE layer (a trained control), else None
     source_model_type: str = "mixtral"  # the family the checkpoint was converted from
 
     @property

@@ -91,11 +91,14 @@ class MoePPRouter(nn.Module):
         self.selection_temperature = 1.0  # in spreads of the pairs' margins
         self.selection_loss: torch.Tensor | None = None  # the "output_change" loss of the last forward
 
-    def configure_selection(self, config) -> "MoePPRouter":
-        """Read the config's selection fields (`zero_computation_scores`, `routing_rule`, `routing_rule_knob`)."""
+    def configure_selection(self, config, moe_index: int = 0) -> "MoePPRouter":
+        """Read the config's selection fields (`zero_computation_scores`, `routing_rule`, `routing_rule_knob`, and
+        `routing_rule_layer_knobs`: one knob per MoE layer, this layer's at `moe_index`, when given)."""
         self.zero_computation_scores = getattr(config, "zero_computation_scores", "absolute")
         self.routing_rule = getattr(config, "routing_rule", None)
-        self.routing_rule_knob = float(getattr(config, "routing_rule_knob", 0.0))
+        layer_knobs = getattr(config, "routing_rule_layer_knobs", None)
+        knob = layer_knobs[moe_index] if layer_knobs else getattr(config, "routing_rule_knob", 0.0)
+        self.routing_rule_knob = float(knob)
         return self
 
     def compute_logits(self, hidden_states: torch.Tensor, previous_logits: torch.Tensor | None) -> torch.Tensor:

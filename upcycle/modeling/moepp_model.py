@@ -184,7 +184,7 @@ class MoePPDecoderLayerMixin:
             # The first MoE layer has no previous logits, so it has no gating-residual matrix.
             has_residual = config.gating_residual and layer_idx != moe_layers[0]
             self.mlp = self.moe_block_class(config, has_residual=has_residual)
-            self.mlp.gate.configure_selection(config)
+            self.mlp.gate.configure_selection(config, moe_layers.index(layer_idx))
 
     def forward(self, hidden_states, previous_logits=None, **kwargs):
         """The family's layer; `kwargs` (position embeddings, mask, cache...) go to attention as the family passes them."""

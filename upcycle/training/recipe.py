@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..budget.calibrate import calibrate_model
+from ..budget.calibrate import calibrate_model, fit_rule_per_layer
 from ..budget.controller import BudgetController
 from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
 from ..data.blocks import load_checkpoint_tokenizer
 from ..errors import UpcycleError
-from ..evaluation.baselines import fit_knob
 from . import checkpointing
 from .data_order import BlockOrder
 from .heldout import evaluate_heldout
@@ -77,20 +76,28 @@ def learning_rate_factor(options: TrainOptions):
 
 
 def set_selection_learning(model, options: TrainOptions, rule_blocks: torch.Tensor) -> None:
-    """A control (`routing_rule`): every router routes by the rule, its knob fitted on `rule_blocks` to the target.
-    MoE++: the selection signal (`selection_signal`) is switched on for training."""
+    """A control (`routing_rule`): every router routes by the rule, each layer's knob fitted on `rule_blocks` to
+    the target (`fit_rule_per_layer`). MoE++: the selection signal (`selection_signal`) is switched on."""
     routers = [block.gate for block in model.moe_blocks()]
     if options.routing_rule is not None:
         was_training = model.training
-        knob = fit_knob(model.eval(), rule_blocks, options.routing_rule, options.target_ffn_per_token)
+        fit_rule_per_layer(model.eval(), list(rule_blocks.split(8)), options.routing_rule,
+                           options.target_ffn_per_token)
         model.train(was_training)
-        for router in routers:
-            router.routing_rule, router.routing_rule_knob = options.routing_rule, knob
         return
     signal = resolved_selection_signal(options, routers[0])
     for router in routers:
         router.routing_rule = None
         router.selection_signal, router.selection_temperature = signal, options.selection_temperature
+
+
+def routing_rule_fields(moe_blocks: list) -> dict:
+    """The config fields that make a saved control route by its rule (MoE++ routing when there is none)."""
+    knobs = [block.gate.routing_rule_knob for block in moe_blocks]
+    if moe_blocks[0].gate.routing_rule is None:
+        return {"routing_rule": None, "routing_rule_knob": 0.0, "routing_rule_layer_knobs": None}
+    return {"routing_rule": moe_blocks[0].gate.routing_rule, "routing_rule_knob": sum(knobs) / len(knobs),
+            "routing_rule_layer_knobs": knobs}
 
 
 def resolved_selection_signal(options: TrainOptions, router) -> str | None:
@@ -118,25 +125,18 @@ def land_on_budget(model, options: TrainOptions, blocks: torch.Tensor) -> None:
 KNOB_STEP = 0.05  # knob change per FFN expert per token of error, per step (the knobs live in [0, 1])
 
 
-def steer_rule_knob(moe_blocks: list, options: TrainOptions, measured: float) -> float:
-    """A control's budget during training: its knob follows the measured FFN experts per token, as MoE++'s
-    controller steers its biases (training moves the router's probabilities, so a fixed knob drifts).
+def steer_rule_knob(moe_blocks: list, options: TrainOptions, measured: torch.Tensor) -> list[float]:
+    """A control's budget during training: each layer's knob follows its measured FFN experts per token (L,), as
+    MoE++'s controller steers its biases (training moves the router's probabilities, so a fixed knob drifts).
     Thresholds (dynamic_skipping, top_1_confident) rise when too many experts are used, p (top_p) falls;
     top_k has no knob to steer."""
     routers = [block.gate for block in moe_blocks]
-    knob = routers[0].routing_rule_knob
     if options.routing_rule != "top_k":
         direction = -1.0 if options.routing_rule == "top_p" else 1.0
-        knob = min(1.0, max(0.0, knob + direction * KNOB_STEP * (measured - options.target_ffn_per_token)))
-        for router in routers:
-            router.routing_rule_knob = knob
-    return knob
-
-
-def routing_rule_fields(moe_blocks: list) -> dict:
-    """The config fields that make a saved control route by its rule (MoE++ routing when there is none)."""
-    router = moe_blocks[0].gate
-    return {"routing_rule": router.routing_rule, "routing_rule_knob": router.routing_rule_knob}
+        for router, used in zip(routers, measured.tolist()):
+            step = direction * KNOB_STEP * (used - options.target_ffn_per_token)
+            router.routing_rule_knob = min(1.0, max(0.0, router.routing_rule_knob + step))
+    return [router.routing_rule_knob for router in routers]
 
 
 def check_paths(options: TrainOptions) -> None:
@@ -163,7 +163,8 @@ def check_distributed_support(options: TrainOptions, distributed_type: str) -> N
 def load_model(options: TrainOptions):
     model = load_causal_lm(Path(options.model))
     if not hasattr(model, "moe_blocks"):
-        raise UpcycleError(f"{options.model} is not an MoE++ checkpoint; convert it first with `upcycle convert`")
+        raise UpcycleError(f"{options.model} is not an MoE++ checkpoint; convert it first with `upcycle convert` "
+                           "(a trained control too: it computes the source until --routing-rule drops slots)")
     model.config.balance_tau = options.balance_tau
     model.config.balance_loss_coef = options.balance_loss_coef
     if options.activation_checkpointing:
@@ -315,8 +316,7 @@ def train_step(step: int, model, optimizer, scheduler, accelerator: Accelerator,
         record |= controller.update(ffn_per_layer)
         controller.apply(selection_biases())
     elif options.routing_rule is not None:
-        record["routing_rule_knob"] = steer_rule_knob(selection_biases.moe_blocks, options,
-                                                      ffn_per_layer.mean().item())
+        record["routing_rule_knobs"] = steer_rule_knob(selection_biases.moe_blocks, options, ffn_per_layer)
     tokens = order.blocks_per_step * train_blocks.shape[1]
     seconds = time.perf_counter() - started
     record |= {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
