@@ -250,6 +250,9 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
         per_layer = _layer_evals(totals, layout, top_k, _moe_layer_indices(model, totals.slot_counts.shape[0]))
         for layer, used in zip(per_layer, totals.used_counts):
             layer.ffn_experts_histogram = _histogram(used / totals.tokens)
+    if is_moepp and model.moe_blocks()[0].gate.routing_rule is not None:  # a rule: a dropped slot is no expert
+        for layer in per_layer:
+            layer.zero_share = 0.0
     mean = (lambda values: sum(values) / len(values)) if per_layer else (lambda values: None)
     ratio, ratio_interval = (paired_ratio(losses, torch.cat(source_block_losses).double())
                              if source_model is not None else (None, None))
@@ -279,8 +282,8 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
 def evaluate_baseline(model, fit_blocks: torch.Tensor, heldout: torch.Tensor, rule: str, target: float,
                       source_model=None, batch_size: int = 8) -> EvalReport:
     """A training-free rule at a budget: the knob fitted on `fit_blocks`, then `evaluate_model` on `heldout`
-    with every router routing by the rule (its `routing_rule`: the statistics are the rule's own). The
-    zero-computation shares are left at 0: a dropped slot is no expert, not a Zero expert."""
+    with every router routing by the rule (its `routing_rule`: the statistics are the rule's own; a dropped slot
+    is no expert, so the zero-computation shares stay 0)."""
     if rule not in BASELINES:
         raise UpcycleError(f"unknown baseline {rule!r}; choose one of {', '.join(BASELINES)}")
     top_k = model.moe_blocks()[0].gate.top_k if hasattr(model, "moe_blocks") else None
@@ -291,10 +294,7 @@ def evaluate_baseline(model, fit_blocks: torch.Tensor, heldout: torch.Tensor, ru
     knob = fit_knob(model, fit_blocks, rule, target)
     with variable_k_routing(model, rule, knob):
         report = evaluate_model(model, heldout, source_model, batch_size)
-    for layer in report.per_layer:
-        layer.zero_share = 0.0
-    return dataclasses.replace(report, zero_computation_share={kind: 0.0 for kind in report.zero_computation_share},
-                               baseline={"rule": rule, "knob": knob, "target": target})
+    return dataclasses.replace(report, baseline={"rule": rule, "knob": knob, "target": target})
 
 
 def baseline_range(rule: str, top_k: int) -> tuple[float, float]:

@@ -406,13 +406,14 @@ def relaxed_selection_term(router: MoePPRouter, hidden_states: torch.Tensor, pre
     the difference, and delta (T, D) the layer's output with that FFN expert minus without it (both computed
     without gradient, with the family's own weights). Two signals from there:
 
-    - "output_change" (default): targets from the layer itself. A pair keeps its FFN expert in the target when its
+    - "output_change": targets from the layer itself. A pair keeps its FFN expert in the target when its
       delta's norm is among the largest of the batch (pooled over tokens and pair positions), as many as keep
       one now (so the target asks for the same compute, and the budget controller alone moves the amount); the
       margins learn it with a logistic loss, kept in `router.selection_loss` for the model's head to add.
     - "straight_through": the gate g = sigmoid(margin / temperature) enters the output as (g - stop_gradient(g))
       * delta: exactly 0 in value, and the margin's gradient is the first-order change of the loss when the pair
-      flips (centred over the batch's tokens). Measured noisier (bench/RESULTS.md).
+      flips (centred over the batch's tokens). The recipe's choice below k - 1 FFN experts per token
+      (measured better there, bench/RESULTS.md).
 
     Either way the signal reaches the router's parameters only: the scores are recomputed from detached inputs,
     so it flows neither into the hidden states nor into earlier routers through the gating residual.

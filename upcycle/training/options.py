@@ -55,8 +55,8 @@ class TrainOptions(DataOptions):
     selection_signal: str = _option(
         "auto", "How routers learn which tokens need FFN experts (docs/training.md): output_change (targets from "
                 "how much each FFN expert moves the layer's output), straight_through (first-order loss change "
-                "through a relaxed selection), none (only through the top-k weights), or auto (output_change below "
-                "k minus the Zero experts, none otherwise: the measured better one).",
+                "through a relaxed selection), none (only through the top-k weights), or auto (straight_through below "
+                "k - 1 FFN experts per token, none otherwise: the measured better ones).",
         choices=SELECTION_SIGNALS)
     selection_temperature: float = _option(
         1.0, "Temperature of the selection signal's sigmoid, in spreads of the FFN-vs-zero-computation margins.")
