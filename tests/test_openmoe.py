@@ -382,3 +382,27 @@ def test_other_openmoe_sizes_plan_on_meta(sizes):
     plan = plan_conversion(source, family_for_config(config), counts=None)
     assert plan.moe_layers == list(range(sizes["moe_layer_interval"] - 1, sizes["num_hidden_layers"],
                                          sizes["moe_layer_interval"]))
+
+
+@pytest.mark.parametrize("signal", ["straight_through", "output_change"])
+def test_selection_signals_run_on_openmoe_without_changing_values(openmoe_converted, signal):
+    """OpenMoE's block (capacity, its own experts) carries the training-only selection signals like every family:
+    the forward value is unchanged and the Zero row learns."""
+    from upcycle.checkpoint.loading import load_causal_lm
+
+    model = load_causal_lm(openmoe_converted).train()
+    model.config.balance_loss_coef = 0.0
+    for block in model.moe_blocks():
+        block.gate.selection_bias[: block.layout.n_zero] = -1.0
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
+    outputs = {}
+    for active in (None, signal):
+        for block in model.moe_blocks():
+            block.gate.selection_signal = active
+        model.zero_grad()
+        output = model(tokens, labels=tokens, output_router_logits=True)
+        output.loss.backward()
+        outputs[active] = output.logits.detach()
+    assert torch.equal(outputs[None], outputs[signal])
+    gate = model.moe_blocks()[-1].gate
+    assert gate.zero_computation_weight.grad[: gate.layout.n_zero].abs().sum() > 0
