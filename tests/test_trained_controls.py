@@ -86,32 +86,36 @@ def test_absolute_scores_keep_checkpoints_before_the_field(tmp_path):
     assert load_causal_lm(folder).moe_blocks()[0].gate.zero_computation_scores == "absolute"
 
 
+def run_with_signal(model, tokens: torch.Tensor, signal: str | None, zero_bias: float) -> tuple[torch.Tensor, float]:
+    """One training forward and backward of an MoE++ model with the Zero experts switched on at `zero_bias` and
+    the selection signal `signal` (None: off); (logits, summed |gradient| of the last layer's Zero rows)."""
+    model.train().config.balance_loss_coef = 0.0  # the balance loss reaches every row through the probabilities
+    for block in model.moe_blocks():
+        block.gate.selection_bias[: block.layout.n_zero] = zero_bias
+        block.gate.selection_signal = signal
+    model.zero_grad()
+    output = model(tokens, labels=tokens, output_router_logits=True)
+    output.loss.backward()
+    assert ("selection_loss" in output.routing_statistics) == (signal == "output_change")
+    gate = model.moe_blocks()[-1].gate
+    grad = gate.zero_computation_weight.grad
+    return output.logits.detach(), 0.0 if grad is None else grad[: gate.layout.n_zero].abs().sum().item()
+
+
 @pytest.mark.parametrize("signal", ["output_change", "straight_through"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_selection_signals_change_no_value_and_teach_the_zero_row(tmp_path, family, signal):
     """Neither signal changes the forward value; with one, the Zero expert's router row gets a gradient from the
     training loss, without one none (its weight is dropped and its output is 0)."""
     _, folder, _ = converted(tmp_path, family)
-    model = load_causal_lm(folder).train()
-    model.config.balance_loss_coef = 0.0  # the balance loss reaches every row through the probabilities
-    for block in model.moe_blocks():  # switch the Zero expert on near the second FFN expert's score
-        block.gate.selection_bias[: block.layout.n_zero] = -0.05 if family == "deepseek_v3" else -1.0
-    gradients, logits = {}, {}
-    for active in (None, signal):
-        for block in model.moe_blocks():
-            block.gate.selection_signal = active
-        model.zero_grad()
-        output = model(TOKENS, labels=TOKENS, output_router_logits=True)
-        output.loss.backward()
-        logits[active] = output.logits.detach()
-        assert ("selection_loss" in output.routing_statistics) == (active == "output_change")
-        gate = model.moe_blocks()[-1].gate
-        grad = gate.zero_computation_weight.grad
-        gradients[active] = 0.0 if grad is None else grad[: gate.layout.n_zero].abs().sum().item()
-    assert torch.equal(logits[None], logits[signal])
-    assert gradients[signal] > 0.0
+    model = load_causal_lm(folder)
+    zero_bias = -0.05 if family == "deepseek_v3" else -1.0  # near the second FFN expert's score
+    logits_off, gradient_off = run_with_signal(model, TOKENS, None, zero_bias)
+    logits_on, gradient_on = run_with_signal(model, TOKENS, signal, zero_bias)
+    assert torch.equal(logits_off, logits_on)
+    assert gradient_on > 0.0
     if family != "deepseek_v3":  # DeepSeek-V3's Zero keeps its sigmoid weight in the normalisation
-        assert gradients[None] < 1e-6 * gradients[signal]  # rounding only: the renormalisation cancels it
+        assert gradient_off < 1e-6 * gradient_on  # rounding only: the renormalisation cancels it
 
 
 def test_a_control_distils_from_the_source_not_from_its_rule(tmp_path):
