@@ -16,7 +16,8 @@ def activate_moepp(model, seed=0):
             gate.zero_computation_weight.copy_(torch.randn(gate.zero_computation_weight.shape, generator=generator))
             if gate.residual_weight is not None:
                 gate.residual_weight.copy_(0.3 * torch.randn(gate.residual_weight.shape, generator=generator))
-            gate.selection_bias.fill_(0.5)
+            # relative scores already add the token's best FFN score: a bias below 0 keeps FFN experts in use
+            gate.selection_bias.fill_(-1.0 if gate.zero_computation_scores == "relative" else 0.5)
             zc = block.zero_computation_experts
             zc.constant_vectors.copy_(torch.randn(zc.constant_vectors.shape, generator=generator))
             zc.constant_ratio_weight.copy_(torch.randn(zc.constant_ratio_weight.shape, generator=generator))
@@ -93,7 +94,8 @@ def test_routing_statistics_and_balance_loss(active_model):
     real = mask.reshape(-1).bool()
     direct = routing_statistics([logits[real] for logits in out.router_logits],
                                 [b.gate.selection_bias for b in active_model.moe_blocks()],
-                                active_model.moe_blocks()[0].layout, 2, None, active_model.config.balance_tau)
+                                active_model.moe_blocks()[0].layout, 2, None, active_model.config.balance_tau,
+                                routers=[b.gate for b in active_model.moe_blocks()])
     torch.testing.assert_close(stats["ffn_experts_per_token"], direct["ffn_experts_per_token"])
 
 

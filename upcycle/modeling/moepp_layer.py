@@ -135,16 +135,19 @@ class MoePPRouter(nn.Module):
         """(T, N+Z) -> (T, N+Z) fp32: what selection ranks before the selection bias is added, in the bias's units.
 
         The experts' own scores (`expert_scores`); with "relative" zero-computation scores, each zero-computation
-        expert's score is raised by the token's best FFN score (a constant of the token, not a path for gradients).
+        expert competes with the FFN scores minus the token's best one (a constant of the token, no gradient path).
         Calibration and the budget controller read the bias's scale from here, so every consumer sets biases in
         the units this router adds them in.
         """
         scores = self.expert_scores(logits)
         if self.zero_computation_scores != "relative":
             return scores
+        # The same ranking as adding the best FFN score to every zero-computation score, computed by subtracting it
+        # from the FFN scores instead: the best FFN expert then scores exactly 0, so a zero-computation row at 0
+        # ties it exactly at bias 0 for every token (adding would leave the tie to rounding, token by token).
         n_ffn = self.layout.n_ffn
         best_ffn = scores[:, :n_ffn].max(dim=-1, keepdim=True).values.detach()  # (T, 1)
-        return torch.cat([scores[:, :n_ffn], scores[:, n_ffn:] + best_ffn], dim=-1)
+        return torch.cat([scores[:, :n_ffn] - best_ffn, scores[:, n_ffn:]], dim=-1)
 
     def select_experts(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, k): the experts a token uses, given a selection bias (default: the saved one).

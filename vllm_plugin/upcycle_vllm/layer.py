@@ -166,7 +166,7 @@ class MoePPSparseBlock(nn.Module):
         if zero_computation_denominator not in ("switched_on", "ffn_only"):
             raise ValueError(f"unknown zero_computation_denominator {zero_computation_denominator!r}")
         self.ffn_only_denominator = zero_computation_denominator == "ffn_only" and not renormalize
-        # "relative": a zero-computation expert's selection score is its logit plus the token's best FFN logit
+        # "relative": zero-computation logits compete with the FFN logits minus the token's best FFN logit
         if zero_computation_scores not in ("absolute", "relative"):
             raise ValueError(f"unknown zero_computation_scores {zero_computation_scores!r}")
         self.relative_scores = zero_computation_scores == "relative"
@@ -223,9 +223,9 @@ class MoePPSparseBlock(nn.Module):
             self.ffn_rows += n_tokens * self.top_k
             return self.experts(hidden_states, logits[:, :n_ffn]), logits
         scores = logits + self.gate.score_bias  # (T, N+Z)
-        if self.relative_scores:
+        if self.relative_scores:  # as upcycle computes it: FFN logits minus the best one (the best scores 0)
             best_ffn = logits[:, :n_ffn].amax(dim=-1, keepdim=True)  # (T, 1)
-            scores = torch.cat([scores[:, :n_ffn], scores[:, n_ffn:] + best_ffn], dim=-1)
+            scores = torch.cat([scores[:, :n_ffn] - best_ffn, scores[:, n_ffn:]], dim=-1)
         index = torch.topk(scores, self.top_k, dim=-1).indices  # (T, k)
         # softmax over the switched-on experts, gathered at the selection (exp / sum: no softmax kernel)
         shifted = logits + self.gate.probability_mask
