@@ -9,6 +9,7 @@ from conftest import tiny_mixtral
 from test_families import FAMILIES, convert_source, tiny_source
 
 from upcycle.checkpoint.loading import load_causal_lm
+from upcycle.errors import UpcycleError
 from upcycle.evaluation.baselines import variable_k_routing
 from upcycle.surgery.convert import ConvertOptions
 from upcycle.training import TrainOptions, run_training
@@ -148,3 +149,9 @@ def test_train_a_control_fits_its_knob_and_saves_its_rule(tmp_path, trained_moep
     moepp = run_training(TrainOptions(model=str(trained_moepp), output=str(tmp_path / "moepp"), **common))
     assert json.loads((tmp_path / "moepp" / "config.json").read_text())["routing_rule"] is None
     assert moepp.heldout["ffn_experts_per_token"] < 2.0
+
+
+def test_a_top_k_control_needs_a_whole_budget_before_anything_loads():
+    options = TrainOptions(model="m", data="d", output="o", routing_rule="top_k", target_ffn_per_token=1.5)
+    with pytest.raises(UpcycleError, match="whole numbers"):
+        options.validate()

@@ -36,6 +36,7 @@ from ..converters import family_for_moepp_config
 from ..data.blocks import load_checkpoint_tokenizer
 from ..data.options import DataOptions
 from ..errors import UpcycleError
+from ..evaluation.baselines import knob_search
 from ..evaluation.evaluate import evaluate_model
 
 DEFAULT_PRIORITY = ("zero", "constant", "copy")
@@ -331,12 +332,11 @@ def fit_rule_per_layer(model, batches: list[torch.Tensor], rule: str, target: fl
             knob = float(round(target))
         else:
             logits = layer_router_logits(model, layer, batches)  # (T, N+Z), earlier layers at their knobs
-            low, high = (0.0, 0.5) if rule == "dynamic_skipping" else (0.0, 1.0)
-            keeps_more_when_higher = rule == "top_p"
+            low, high, skips_more_when_higher = knob_search(rule)
             for _ in range(30):
                 router.routing_rule_knob = (low + high) / 2
                 used = (router.select_experts(logits) < router.layout.n_ffn).sum(dim=-1).float().mean().item()
-                if (used > target) != keeps_more_when_higher:
+                if (used > target) == skips_more_when_higher:
                     low = router.routing_rule_knob
                 else:
                     high = router.routing_rule_knob

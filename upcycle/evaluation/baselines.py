@@ -96,18 +96,17 @@ def measure(model, blocks: torch.Tensor, rule: str, knob: float, batch_size: int
     return counter.ffn_experts_per_token
 
 
-def fit_knob(model, blocks: torch.Tensor, rule: str, target: float, steps: int = 14) -> float:
-    """The rule's knob so that FFN experts per token on `blocks` hits the target: k itself for top_k (a whole
-    number), else bisection on the threshold (dynamic_skipping, top_1_confident) or p (top_p).
-
-    Every knob is monotone: a higher threshold skips more, a higher p keeps more.
-    """
-    if rule == "top_k":
-        if abs(target - round(target)) > 1e-9 or target < 1:
-            raise UpcycleError(f"the top_k rule reaches whole numbers of FFN experts per token only, got {target:g}")
-        return float(round(target))
+def knob_search(rule: str) -> tuple[float, float, bool]:
+    """(lowest, highest, skips_more_when_higher) of a rule's continuous knob: a threshold on the renormalised
+    weight in [0, 0.5] (dynamic_skipping) or on the first probability in [0, 1] (top_1_confident) skips more when
+    higher; p in [0, 1] (top_p) keeps more. top_k has no knob to search (k is the target itself)."""
     low, high = (0.0, 0.5) if rule == "dynamic_skipping" else (0.0, 1.0)
-    skips_more_when_higher = rule != "top_p"
+    return low, high, rule != "top_p"
+
+
+def fit_knob(model, blocks: torch.Tensor, rule: str, target: float, steps: int = 14) -> float:
+    """Bisection on the rule's knob (`knob_search`) so that FFN experts per token on `blocks` hits the target."""
+    low, high, skips_more_when_higher = knob_search(rule)
     for _ in range(steps):
         middle = (low + high) / 2
         used = measure(model, blocks, rule, middle)

@@ -16,12 +16,12 @@ import yaml
 from ..data.options import DataOptions
 from ..data.options import option as _option
 from ..errors import UpcycleError
+from ..modeling.moepp_fields import ROUTING_RULES
 
 TRAINABLE_SETS = ("default", "lora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 SELECTION_SIGNALS = ("auto", "output_change", "straight_through", "none")  # moepp_layer's, plus auto and none
-ROUTING_RULES = ("top_k", "dynamic_skipping", "top_p", "top_1_confident")  # upcycle.modeling.moepp_fields's
 
 
 @dataclass
@@ -122,6 +122,9 @@ class TrainOptions(DataOptions):
                 raise UpcycleError(f"routing_rule must be one of {', '.join(ROUTING_RULES)}, got {self.routing_rule!r}")
             if self.target_ffn_per_token is None:
                 raise UpcycleError("a control (--routing-rule) needs --target-ffn-per-token: its knob is fitted to it")
+            target = self.target_ffn_per_token
+            if self.routing_rule == "top_k" and (target < 1 or abs(target - round(target)) > 1e-9):
+                raise UpcycleError(f"the top_k rule reaches whole numbers of FFN experts per token only, got {target:g}")
         if self.selection_temperature <= 0 or self.budget_fit_blocks < 1:
             raise UpcycleError("selection_temperature must be greater than 0 and budget_fit_blocks 1 or more")
         if self.target_ffn_per_token is not None and self.target_ffn_per_token < 0:

@@ -28,6 +28,7 @@ from ..checkpoint.loading import load_causal_lm
 from ..checkpoint.output_dir import check_output_path
 from ..data.blocks import load_checkpoint_tokenizer
 from ..errors import UpcycleError
+from ..evaluation.baselines import knob_search
 from . import checkpointing
 from .data_order import BlockOrder
 from .heldout import evaluate_heldout
@@ -132,7 +133,7 @@ def steer_rule_knob(moe_blocks: list, options: TrainOptions, measured: torch.Ten
     top_k has no knob to steer."""
     routers = [block.gate for block in moe_blocks]
     if options.routing_rule != "top_k":
-        direction = -1.0 if options.routing_rule == "top_p" else 1.0
+        direction = 1.0 if knob_search(options.routing_rule)[2] else -1.0
         for router, used in zip(routers, measured.tolist()):
             step = direction * KNOB_STEP * (used - options.target_ffn_per_token)
             router.routing_rule_knob = min(1.0, max(0.0, router.routing_rule_knob + step))
