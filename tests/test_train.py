@@ -194,6 +194,35 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path, trained_moepp, text
                        tensors(uninterrupted.output)["model.layers.2.mlp.gate.selection_bias"])
 
 
+def test_a_resumed_control_continues_from_its_steered_knobs(tmp_path, trained_moepp, text_corpus, monkeypatch):
+    """A trained control's knobs are training state: killed after its step-2 checkpoint and resumed, it steps
+    from the knobs it had steered to (not knobs fitted anew) and lands where the uninterrupted run does."""
+    common = {"steps": 4, "checkpoint_every": 2, "routing_rule": "dynamic_skipping", "budget_fit_blocks": 8}
+    uninterrupted = run_training(small_options(tmp_path / "a", trained_moepp, text_corpus, **common))
+    real_train_step = recipe.train_step
+
+    def killed_at_step_3(step, *args, **kwargs):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_train_step(step, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_step", killed_at_step_3)
+    options = small_options(tmp_path / "b", trained_moepp, text_corpus, **common)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(options)
+    monkeypatch.setattr(recipe, "train_step", real_train_step)
+    resumed = run_training(dataclasses.replace(options, resume=True))
+    expected = {r["step"]: r for r in step_records(uninterrupted.run_dir)}
+    got = step_records(resumed.run_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert expected[2]["routing_rule_knobs"] != expected[1]["routing_rule_knobs"]  # the knobs were steered
+    for record in got:
+        for key in ("loss", "routing_rule_knobs", "ffn_experts_per_token"):
+            assert record[key] == expected[record["step"]][key], (record["step"], key)
+    configs = [json.loads((run.output / "config.json").read_text()) for run in (uninterrupted, resumed)]
+    assert configs[0]["routing_rule_layer_knobs"] == configs[1]["routing_rule_layer_knobs"]
+
+
 def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, trained_moepp, text_corpus,
                                                                            monkeypatch, capsys):
     calls = {"n": 0}

@@ -7,6 +7,8 @@ piece (the continuation of a word, or a word glued to punctuation).
 
 import torch
 
+from .routing_record import record_routing
+
 TOKEN_KINDS = ("punctuation", "word piece", "word")
 
 
@@ -20,18 +22,14 @@ def token_kind(text: str) -> str:
 def ffn_experts_by_token_kind(model, blocks: torch.Tensor, tokenizer, batch_size: int = 8) -> dict[str, dict]:
     """Mean FFN experts per token (averaged over MoE layers) and token count, per kind, on blocks (n, L)."""
     kinds = {token_id: token_kind(tokenizer.decode([token_id])) for token_id in range(len(tokenizer))}
+    with record_routing(model, keep_tokens=True) as record:
+        for batch in blocks.split(batch_size):
+            model(batch, use_cache=False)
+    ffn_used = record.ffn_used.double().mean(dim=1)  # (T,) averaged over MoE layers
     totals = {kind: [0.0, 0] for kind in TOKEN_KINDS}
-    blocks_of_model = model.moe_blocks()
-    for batch in blocks.split(batch_size):
-        router_logits = model(batch, output_router_logits=True, use_cache=False).router_logits
-        ffn_used = torch.zeros(batch.numel())  # (T,) summed over MoE layers
-        for block, logits in zip(blocks_of_model, router_logits):
-            index = block.gate.select_experts(logits.float())  # (T, k)
-            ffn_used += (index < block.layout.n_ffn).sum(dim=-1).float()
-        ffn_used /= len(blocks_of_model)
-        for token_id, used in zip(batch.reshape(-1).tolist(), ffn_used.tolist()):
-            total = totals[kinds.get(token_id, "punctuation")]
-            total[0] += used
-            total[1] += 1
+    for token_id, used in zip(record.token_ids.tolist(), ffn_used.tolist()):
+        total = totals[kinds.get(token_id, "punctuation")]
+        total[0] += used
+        total[1] += 1
     return {kind: {"ffn_experts_per_token": total[0] / max(total[1], 1), "tokens": total[1]}
             for kind, total in totals.items()}

@@ -140,6 +140,21 @@ def steer_rule_knob(moe_blocks: list, options: TrainOptions, measured: torch.Ten
     return [router.routing_rule_knob for router in routers]
 
 
+class RuleKnobs:
+    """A control's per-layer knobs as training state: checkpointed with the run, so a resumed control continues
+    from the knobs it had steered to, as MoE++ continues from its controller's biases."""
+
+    def __init__(self, moe_blocks: list):
+        self.routers = [block.gate for block in moe_blocks]
+
+    def state_dict(self) -> dict:
+        return {"knobs": [router.routing_rule_knob for router in self.routers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for router, knob in zip(self.routers, state["knobs"], strict=True):
+            router.routing_rule_knob = float(knob)
+
+
 def check_paths(options: TrainOptions) -> None:
     """Refuse an existing output, a run folder with checkpoints (without --resume), before loading anything."""
     model_dir, output = Path(options.model), Path(options.output)
@@ -213,6 +228,8 @@ def run_training(options: TrainOptions, command: str = "") -> TrainingReport:
         controller = BudgetController(source_top_k, options.target_ffn_per_token, options.steps,
                                       options.ramp_fraction, options.controller_lr, options.controller_start_share)
         accelerator.register_for_checkpointing(controller)
+    elif options.routing_rule is not None:
+        accelerator.register_for_checkpointing(RuleKnobs(moe_blocks))
 
     run_dir, record = options.resolved_run_dir, options_record(options)
     order = BlockOrder(blocks.train.shape[0], options.seed, options.micro_batch_size,
