@@ -162,23 +162,29 @@ def test_controller_ramp_sign_and_start(trained_moepp):
     assert torch.equal(restored.biases, controller.biases) and restored.step == 1
 
 
-def test_resume_after_a_kill_gives_the_same_losses(tmp_path, trained_moepp, text_corpus, monkeypatch):
-    common = {"steps": 4, "checkpoint_every": 2, "gradient_accumulation_steps": 2, "micro_batch_size": 2}
-    uninterrupted = run_training(small_options(tmp_path / "a", trained_moepp, text_corpus, **common))
-
+def kill_at_step_3(monkeypatch):
+    """Make the recipe stop (KeyboardInterrupt) when step 3 starts: steps 1 and 2 are done and checkpointed.
+    Returns what undoes it."""
     real_train_step = recipe.train_step
 
     def killed_at_step_3(step, *args, **kwargs):
-        if step == 2:  # 0-based: steps 1 and 2 are done and checkpointed
+        if step == 2:  # 0-based
             raise KeyboardInterrupt
         return real_train_step(step, *args, **kwargs)
 
     monkeypatch.setattr(recipe, "train_step", killed_at_step_3)
+    return lambda: monkeypatch.setattr(recipe, "train_step", real_train_step)
+
+
+def test_resume_after_a_kill_gives_the_same_losses(tmp_path, trained_moepp, text_corpus, monkeypatch):
+    common = {"steps": 4, "checkpoint_every": 2, "gradient_accumulation_steps": 2, "micro_batch_size": 2}
+    uninterrupted = run_training(small_options(tmp_path / "a", trained_moepp, text_corpus, **common))
+    undo_kill = kill_at_step_3(monkeypatch)
     options = small_options(tmp_path / "b", trained_moepp, text_corpus, **common)
     with pytest.raises(KeyboardInterrupt):
         run_training(options)
     assert not (tmp_path / "b" / "out").exists()  # no output from a killed run
-    monkeypatch.setattr(recipe, "train_step", real_train_step)
+    undo_kill()
     with pytest.raises(UpcycleError, match="pass --resume"):
         run_training(options)
     resumed = run_training(dataclasses.replace(options, resume=True))
@@ -199,18 +205,11 @@ def test_a_resumed_control_continues_from_its_steered_knobs(tmp_path, trained_mo
     from the knobs it had steered to (not knobs fitted anew) and lands where the uninterrupted run does."""
     common = {"steps": 4, "checkpoint_every": 2, "routing_rule": "dynamic_skipping", "budget_fit_blocks": 8}
     uninterrupted = run_training(small_options(tmp_path / "a", trained_moepp, text_corpus, **common))
-    real_train_step = recipe.train_step
-
-    def killed_at_step_3(step, *args, **kwargs):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_train_step(step, *args, **kwargs)
-
-    monkeypatch.setattr(recipe, "train_step", killed_at_step_3)
+    undo_kill = kill_at_step_3(monkeypatch)
     options = small_options(tmp_path / "b", trained_moepp, text_corpus, **common)
     with pytest.raises(KeyboardInterrupt):
         run_training(options)
-    monkeypatch.setattr(recipe, "train_step", real_train_step)
+    undo_kill()
     resumed = run_training(dataclasses.replace(options, resume=True))
     expected = {r["step"]: r for r in step_records(uninterrupted.run_dir)}
     got = step_records(resumed.run_dir)
