@@ -1,8 +1,10 @@
 """Every family that convert accepts, through every command: convert (then both training-free baselines fitted to
-1.5 on the converted model) -> calibrate to 1.5 -> eval (the held-out budget within 0.1 of the target) -> train a
-few steps (each trainable set on some family) -> eval, on a tiny
-model of the family built by transformers' own classes (OpenMoE: the project's), with a real BPE tokenizer and
-real text (the standard library's documentation).
+1.5 on the converted model) -> calibrate to 1.5 -> eval (the held-out budget within 0.1 of the target) -> eval
+--tasks on the source and on the calibrated model (a local lm-evaluation-harness task, offline: metrics and the
+routing of its tokens per MoE layer, the calibrated budget within 0.3 of the target on the task's own text) ->
+train a few steps (each trainable set on some family) -> eval, on a tiny model of the family built by
+transformers' own classes (OpenMoE: the project's), with a real BPE tokenizer and real text (the standard
+library's documentation).
 
 In-process (the CLI's entry point, as a shell runs it) and through the installed `upcycle` command in a fresh
 process (no prompt, pure JSON on stdout, no traceback): three families in-process and DeepSeek-V3 installed in
@@ -22,8 +24,12 @@ from test_families import FAMILIES, tiny_source
 from test_openmoe import save_openmoe_source, tiny_openmoe
 from text_fixtures import TOKENIZER_VOCAB, corpus_tokenizer, stdlib_corpus
 
+from upcycle.evaluation.local_tasks import MODULE_TASK
+
 TARGET = 1.5
 DATA = ["--block-size", "64", "--max-tokens", "40000"]
+TASKS = ["--tasks", MODULE_TASK, "--limit", "4", "--json"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 # family -> (tiny family in test_families (None: OpenMoE), config overrides, trainable set of its train step)
 CHAIN = {
     "mixtral": ("mixtral", {}, "default"),
@@ -61,6 +67,8 @@ def chain_commands(source: Path, corpus: Path, work: Path, trainable: str) -> li
         ["calibrate", str(work / "moepp"), "--data", train, "--target-ffn-per-token", str(TARGET),
          "--output", str(work / "calibrated"), "--batches", "8", *DATA],
         ["eval", str(work / "calibrated"), "--data", heldout, "--json", *DATA],
+        ["eval", str(source), *TASKS],
+        ["eval", str(work / "calibrated"), *TASKS],
         ["train", "--model", str(work / "calibrated"), "--data", train, "--output", str(work / "trained"),
          "--steps", "2", "--target-ffn-per-token", str(TARGET), "--trainable", trainable, "--micro-batch-size", "4",
          "--eval-max-blocks", "4", "--checkpoint-every", "0", "--no-progress", "--no-tensorboard", *DATA],
@@ -69,9 +77,21 @@ def chain_commands(source: Path, corpus: Path, work: Path, trainable: str) -> li
 
 
 def check_evaluations(outputs: list[str], work: Path) -> None:
-    """The two evals printed one JSON document each; the calibrated budget holds on held-out text."""
-    calibrated, trained = (json.loads(text) for text in outputs)
+    """The four evals printed one JSON document each; the calibrated budget holds on held-out text and, more
+    loosely (a few hundred tokens of another kind of text), on a task's tokens."""
+    calibrated, source_tasks, calibrated_tasks, trained = (json.loads(text) for text in outputs)
     assert abs(calibrated["ffn_experts_per_token"] - TARGET) <= 0.1, calibrated["ffn_experts_per_token"]
+    layers = len(calibrated["per_layer"])
+    for report, budget in ((source_tasks, None), (calibrated_tasks, TARGET)):
+        (task,) = report["tasks"]
+        assert task["name"] == MODULE_TASK and task["samples"] == 4
+        assert set(task["metrics"]) == {"acc", "acc_norm"} and 0 <= task["metrics"]["acc"]["value"] <= 1
+        routing = task["routing"]
+        assert routing["tokens"] > 0 and len(routing["ffn_experts_per_token_per_layer"]) == layers
+        if budget is not None:
+            assert abs(routing["ffn_experts_per_token"] - budget) <= 0.3, routing["ffn_experts_per_token"]
+        else:  # a source uses its top-k for every token
+            assert len(set(routing["ffn_experts_per_token_per_layer"])) == 1
     assert calibrated["is_moepp"] and len(calibrated["per_layer"]) >= 1
     assert trained["ffn_experts_per_token"] is not None and trained["perplexity"] > 1.0
     assert all(Path(path).is_file() for path in trained["plots"])
@@ -83,12 +103,33 @@ def chain_inputs(tmp_path_factory):
     return stdlib_corpus(tmp_path_factory), corpus_tokenizer(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def task_cache(tmp_path_factory) -> Path:
+    """Where the local tasks are built once for the module's runs (UPCYCLE_CACHE)."""
+    return tmp_path_factory.mktemp("upcycle-cache")
+
+
+@pytest.fixture
+def offline_tasks(monkeypatch, task_cache) -> dict:
+    """No network for the tasks' datasets, the local tasks cached in the module's folder; the environment of an
+    installed run."""
+    for name, value in (OFFLINE | {"UPCYCLE_CACHE": str(task_cache)}).items():
+        monkeypatch.setenv(name, value)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return OFFLINE | {"UPCYCLE_CACHE": str(task_cache)}
+
+
 DEFAULT_RUN = ("mixtral", "qwen2_moe", "openmoe")  # softmax renormalising, not renormalising, router_topk
 
 
 @pytest.mark.parametrize("name", [name if name in DEFAULT_RUN else pytest.param(name, marks=pytest.mark.slow)
                                   for name in CHAIN])
-def test_every_family_through_every_command(capsys, tmp_path, chain_inputs, name):
+def test_every_family_through_every_command(capsys, tmp_path, chain_inputs, offline_tasks, name):
     corpus, tokenizer = chain_inputs
     source = build_source(name, tmp_path / "source", tokenizer)
     evaluations = []
@@ -118,12 +159,12 @@ def check_baselines(moepp: Path, corpus: Path) -> None:
         assert abs(measure(model, heldout, rule, knob) - target) <= 0.15, rule
 
 
-def installed_chain(tmp_path: Path, chain_inputs, name: str) -> None:
+def installed_chain(tmp_path: Path, chain_inputs, name: str, environment: dict) -> None:
     """The same chain through the installed `upcycle` command, stdin closed (a prompt would fail or hang)."""
     corpus, tokenizer = chain_inputs
     source = build_source(name, tmp_path / "source", tokenizer)
     upcycle = shutil.which("upcycle", path=str(Path(sys.executable).parent)) or "upcycle"
-    environment = os.environ | {"PYTHONWARNINGS": "ignore"}
+    environment = os.environ | environment | {"PYTHONWARNINGS": "ignore"}
     evaluations = []
     for command in chain_commands(source, corpus, tmp_path, CHAIN[name][2]):
         done = subprocess.run([upcycle, *command], capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -136,11 +177,11 @@ def installed_chain(tmp_path: Path, chain_inputs, name: str) -> None:
     check_evaluations(evaluations, tmp_path)
 
 
-def test_installed_command_runs_the_chain_without_a_prompt(tmp_path, chain_inputs):
-    installed_chain(tmp_path, chain_inputs, "deepseek_v3_groups")
+def test_installed_command_runs_the_chain_without_a_prompt(tmp_path, chain_inputs, offline_tasks):
+    installed_chain(tmp_path, chain_inputs, "deepseek_v3_groups", offline_tasks)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in CHAIN if name != "deepseek_v3_groups"])
-def test_installed_command_runs_every_family(tmp_path, chain_inputs, name):
-    installed_chain(tmp_path, chain_inputs, name)
+def test_installed_command_runs_every_family(tmp_path, chain_inputs, offline_tasks, name):
+    installed_chain(tmp_path, chain_inputs, name, offline_tasks)

@@ -83,12 +83,15 @@ def test_a_source_uses_its_top_k_everywhere_and_generation_counts_each_step(trai
 
 
 def test_ffn_experts_by_token_kind_adds_up_to_the_mean(calibrated, heldout, text_tokenizer):
-    from upcycle.evaluation.token_kinds import TOKEN_KINDS, ffn_experts_by_token_kind, token_kind
+    from upcycle.evaluation.parts_of_speech import BASE_KINDS
+    from upcycle.evaluation.token_kinds import ffn_experts_by_token_kind
 
     by_kind = ffn_experts_by_token_kind(calibrated, heldout, text_tokenizer, batch_size=4)
+    assert tuple(by_kind) == BASE_KINDS
     assert sum(kind["tokens"] for kind in by_kind.values()) == heldout.numel()
-    punctuation = sum(token_kind(text_tokenizer.decode([token])) == "punctuation" for token in heldout.reshape(-1))
+    punctuation = sum(not any(character.isalnum() for character in text_tokenizer.decode([token]))
+                      for token in heldout.reshape(-1))
     assert by_kind["punctuation"]["tokens"] == punctuation
     report = evaluate_model(calibrated, heldout, batch_size=4)
-    weighted = sum(by_kind[kind]["ffn_experts_per_token"] * by_kind[kind]["tokens"] for kind in TOKEN_KINDS)
+    weighted = sum(kind["ffn_experts_per_token"] * kind["tokens"] for kind in by_kind.values())
     assert weighted / heldout.numel() == pytest.approx(report.ffn_experts_per_token, abs=1e-6)

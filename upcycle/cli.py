@@ -137,7 +137,12 @@ def verify(source, converted, tolerance) -> None:
                    "fewer make a quick look, not a measurement.")
 @click.option("--budgets", default="1.5,1.0,0.75", show_default=True,
               help="Comma-separated budgets in FFN experts per token (between 0 and the source's top-k).")
-def demo(output, train_steps, max_heldout_blocks, budgets) -> None:
+@click.option("--task", default="upcycle_stdlib_cloze", show_default=True,
+              help="The downstream task run for the source, baselines, trained controls and trained MoE++: one of "
+                   "the local tasks upcycle_stdlib_cloze, upcycle_stdlib_module (no download).")
+@click.option("--task-limit", type=click.IntRange(min=1), default=None,
+              help="Run at most this many examples of the task (default: all of them).")
+def demo(output, train_steps, max_heldout_blocks, budgets, task, task_limit) -> None:
     """Run the whole job on the embedded default model (no download), against trained controls."""
     from .demo import DemoOptions, run_demo
 
@@ -148,7 +153,7 @@ def demo(output, train_steps, max_heldout_blocks, budgets) -> None:
     if not targets or any(not 0.0 <= target <= 2.0 for target in targets):
         raise UpcycleError(f"--budgets must be between 0 and 2 FFN experts per token (top-2), got {budgets!r}")
     run_demo(DemoOptions(output=output, train_steps=train_steps, max_heldout_blocks=max_heldout_blocks,
-                         budgets=targets), echo=click.echo)
+                         budgets=targets, task=task, task_limit=task_limit), echo=click.echo)
 
 
 def _option_type(owner: type, name: str) -> type:
@@ -169,17 +174,21 @@ def _dataclass_option(owner: type, field: dataclasses.Field, default):
     return click.option(flag, field.name, type=kind, default=default, help=help_text)
 
 
-def data_options(command):
+def data_options(command=None, *, data_required: bool = True):
     """The data options of calibrate and eval (upcycle.data.options.DataOptions, written once), with --data and
-    --batch-size; the command receives them as keyword arguments named as the fields."""
+    --batch-size; the command receives them as keyword arguments named as the fields. `@data_options` makes
+    --data required; `@data_options(data_required=False)` does not (eval: --tasks alone needs no text)."""
     from .data.options import DataOptions
 
+    if command is None:
+        return lambda command: data_options(command, data_required=data_required)
     for field in reversed(dataclasses.fields(DataOptions)):
         command = _dataclass_option(DataOptions, field, field.default)(command)
     command = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                            help="Sequences per forward pass.")(command)
-    return click.option("--data", required=True, help="A .txt / .jsonl / .parquet file, a folder of .txt files, "
-                                                      "or a Hub dataset name (online).")(command)
+    return click.option("--data", required=data_required, default=None,
+                        help="A .txt / .jsonl / .parquet file, a folder of .txt files, "
+                             "or a Hub dataset name (online).")(command)
 
 
 @cli.command()
@@ -213,7 +222,7 @@ def calibrate(checkpoint, target, output, data, batches, priority, overwrite, **
 
 @cli.command(name="eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@data_options
+@data_options(data_required=False)
 @click.option("--source", type=click.Path(path_type=Path), default=None,
               help="The source checkpoint: adds KL(source || model) per token.")
 @click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Evaluate at most this many blocks.")
@@ -226,26 +235,63 @@ def calibrate(checkpoint, target, output, data, batches, priority, overwrite, **
               help="The baseline's budget: its threshold or p is fitted to it on the data's train blocks.")
 @click.option("--fit-blocks", type=click.IntRange(min=1), default=32, show_default=True,
               help="Train blocks the baseline's knob is fitted on.")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-evaluation-harness tasks (arc_easy,hellaswag,... online; offline: "
+                   "upcycle_stdlib_module,upcycle_stdlib_cloze): metrics with standard errors and each task's routing.")
+@click.option("--include-path", "include_path", type=click.Path(path_type=Path), multiple=True,
+              help="A folder of lm-eval task YAML files of your own (repeat for more).")
+@click.option("--limit", type=float, default=None,
+              help="Examples per task: a count, or a fraction below 1 (default: all).")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per prompt (default: each task's).")
+@click.option("--device", default="cpu", show_default=True, help="Device the tasks run on (cpu, cuda, cuda:1, ...).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Weights' dtype for the tasks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, data, source, max_blocks, plots_dir, baseline, target_ffn_per_token, fit_blocks, as_json,
-             **data_settings) -> None:
+def evaluate(checkpoint, data, source, max_blocks, plots_dir, baseline, target_ffn_per_token, fit_blocks, tasks,
+             include_path, limit, num_fewshot, device, dtype, as_json, **data_settings) -> None:
     """Perplexity, FFN experts per token and how they are spent, zero-computation shares, load balance (and KL to
-    SOURCE) on held-out text; or a training-free baseline's (--baseline) on a converted checkpoint."""
-    from .evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_report
+    SOURCE) on held-out text (--data); or a training-free baseline's (--baseline) on a converted checkpoint; and
+    downstream tasks through lm-evaluation-harness (--tasks) with the routing of each task's tokens."""
+    from .evaluation.eval_request import EvalRequest, run_eval
 
-    if baseline is not None and plots_dir is not None:
-        raise UpcycleError("--plots draws the model's own per-layer routing; drop it with --baseline")
-    options = EvalOptions(max_blocks=max_blocks, baseline=baseline, target_ffn_per_token=target_ffn_per_token,
-                          fit_blocks=fit_blocks, **data_settings)
-    report = evaluate_checkpoint(checkpoint, data, source, options)
-    result = report.as_dict()
-    if plots_dir is not None:
-        from .evaluation.plots import write_eval_plots
+    request = EvalRequest(checkpoint=checkpoint, data=data, data_settings=data_settings, source=source,
+                          max_blocks=max_blocks, plots_dir=plots_dir, baseline=baseline,
+                          target_ffn_per_token=target_ffn_per_token, fit_blocks=fit_blocks, tasks=tasks,
+                          include_path=list(include_path), limit=limit, num_fewshot=num_fewshot, device=device,
+                          dtype=dtype)
+    result, text = run_eval(request)
+    click.echo(json.dumps(result, indent=2) if as_json else text)
 
-        result["plots"] = [str(path) for path in write_eval_plots(result, plots_dir)]
-    click.echo(json.dumps(result, indent=2) if as_json else format_report(report))
-    if plots_dir is not None and not as_json:
-        click.echo(f"plots: {', '.join(result['plots'])}")
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@data_options
+@click.option("--output", type=click.Path(path_type=Path), required=True,
+              help="Folder for analysis.json and the plots (written atomically).")
+@click.option("--tasks", default=None,
+              help="Comma-separated downstream tasks (e.g. upcycle_stdlib_module,upcycle_stdlib_cloze): one heatmap "
+                   "row each, beside the data's.")
+@click.option("--limit", "task_limit", type=float, default=None,
+              help="Examples per task: a count, or a fraction below 1 (default: all).")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint: its router confidence is the reference of the adjacent-layer correlation.")
+@click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Analyse at most this many blocks.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def analyze(checkpoint, data, output, tasks, task_limit, source, max_blocks, overwrite, as_json,
+            **data_settings) -> None:
+    """The MoE++ paper's routing analyses of an MoE++ CHECKPOINT on held-out text (and tasks): FFN experts per
+    token by layer and task, zero-computation shares, adjacent-layer correlation, kinds of token, and routing
+    scores with the gating residual on and off; each paper finding stated with its measured numbers."""
+    from .evaluation.analyses import AnalyzeOptions, analyze_checkpoint, format_analysis
+
+    names = tuple(name.strip() for name in (tasks or "").split(",") if name.strip())
+    if tasks is not None and not names:
+        raise UpcycleError(f"--tasks takes task names separated by commas, got {tasks!r}")
+    options = AnalyzeOptions(max_blocks=max_blocks, tasks=names, task_limit=task_limit, overwrite=overwrite,
+                             **data_settings)
+    result = analyze_checkpoint(checkpoint, data, output, source, options)
+    click.echo(json.dumps(result, indent=2) if as_json else format_analysis(result))
 
 
 def options_from_dataclass(command):

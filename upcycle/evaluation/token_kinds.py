@@ -1,35 +1,35 @@
-"""FFN experts per token by kind of token (punctuation, word pieces, words), as in the MoE++ paper's figures.
-
-A token's kind comes from its decoded text: no letter or digit -> punctuation (whitespace included); a leading
-space before letters -> a word (the start of one, for a byte-level BPE); letters with no leading space -> a word
-piece (the continuation of a word, or a word glued to punctuation).
-"""
+"""FFN experts per token by kind of token (punctuation, word pieces, words or their parts of speech), as in the
+MoE++ paper's figures. What a token's kind is, from the text around it, is `parts_of_speech`'s one definition;
+what each token used is `record_routing`'s."""
 
 import torch
 
+from .parts_of_speech import BASE_KINDS, token_kinds_of_blocks
 from .routing_record import record_routing
 
-TOKEN_KINDS = ("punctuation", "word piece", "word")
 
+def by_token_kind(kinds: list[str], ffn_used: torch.Tensor, order: tuple[str, ...] = ()) -> dict[str, dict]:
+    """kinds (T,) and ffn_used (T, L) -> per kind: mean FFN experts per token (over layers) and token count.
 
-def token_kind(text: str) -> str:
-    if not any(character.isalnum() for character in text):
-        return "punctuation"
-    return "word" if text[:1].isspace() else "word piece"
+    Kinds in `order` come first, in that order, even when no token has them (count 0); the rest follow, hungriest
+    first."""
+    per_token = ffn_used.double().mean(dim=1)  # (T,)
+    table: dict[str, list[float]] = {kind: [] for kind in order}
+    for kind, used in zip(kinds, per_token.tolist()):
+        table.setdefault(kind, []).append(used)
+    rows = {kind: {"ffn_experts_per_token": sum(values) / max(len(values), 1), "tokens": len(values)}
+            for kind, values in table.items()}
+    rest = sorted((kind for kind in rows if kind not in order), key=lambda kind: -rows[kind]["ffn_experts_per_token"])
+    return {kind: rows[kind] for kind in (*order, *rest)}
 
 
 @torch.no_grad()
-def ffn_experts_by_token_kind(model, blocks: torch.Tensor, tokenizer, batch_size: int = 8) -> dict[str, dict]:
-    """Mean FFN experts per token (averaged over MoE layers) and token count, per kind, on blocks (n, L)."""
-    kinds = {token_id: token_kind(tokenizer.decode([token_id])) for token_id in range(len(tokenizer))}
+def ffn_experts_by_token_kind(model, blocks: torch.Tensor, tokenizer, batch_size: int = 8,
+                              tagger=None) -> dict[str, dict]:
+    """Mean FFN experts per token (averaged over MoE layers) and token count per kind, on blocks (n, L): without
+    a tagger the kinds are punctuation, word piece and word, always in that order."""
     with record_routing(model, keep_tokens=True) as record:
         for batch in blocks.split(batch_size):
             model(batch, use_cache=False)
-    ffn_used = record.ffn_used.double().mean(dim=1)  # (T,) averaged over MoE layers
-    totals = {kind: [0.0, 0] for kind in TOKEN_KINDS}
-    for token_id, used in zip(record.token_ids.tolist(), ffn_used.tolist()):
-        total = totals[kinds.get(token_id, "punctuation")]
-        total[0] += used
-        total[1] += 1
-    return {kind: {"ffn_experts_per_token": total[0] / max(total[1], 1), "tokens": total[1]}
-            for kind, total in totals.items()}
+    kinds = token_kinds_of_blocks(record.token_ids, blocks.shape[1], tokenizer, tagger)
+    return by_token_kind(kinds, record.ffn_used, BASE_KINDS if tagger is None else ())
