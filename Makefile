@@ -42,7 +42,8 @@ test-all: $(VENV)/.installed transformers-tests
 	$(VENV)/bin/pytest -q -m ""
 
 # What a user meets first: `pip install .` with no extras in a fresh venv, then the installed `upcycle demo`
-# (shortened: 2 training steps, 8 held-out blocks) writes its results and plots; stdout piped like a user would.
+# (shortened: 2 training steps, 8 held-out blocks, 16 task examples) writes its results, plots and routing analyses;
+# stdout piped like a user would.
 PLAIN_VENV := build/venv-plain
 .PHONY: check-plain-install
 check-plain-install:
@@ -50,10 +51,14 @@ check-plain-install:
 	$(PYTHON) -m venv $(PLAIN_VENV)
 	$(PLAIN_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(PLAIN_VENV)/bin/pip install --quiet .
-	cd build && venv-plain/bin/upcycle demo --output plain-demo --train-steps 2 --max-heldout-blocks 8 < /dev/null | cat
+	cd build && venv-plain/bin/upcycle demo --output plain-demo --train-steps 2 --max-heldout-blocks 8 --task-limit 16 \
+		< /dev/null | cat
 	test -s build/plain-demo/results.json
 	for plot in perplexity_vs_ffn_experts slot_share_per_layer ffn_experts_by_token_kind; do \
 		test -s build/plain-demo/plots/$$plot.png || exit 1; done
+	test -s build/plain-demo/analysis/analysis.json
+	for plot in ffn_experts_heatmap zero_computation_share adjacent_layer_correlation ffn_experts_by_token_kind \
+		routing_scores_residual; do test -s build/plain-demo/analysis/$$plot.png || exit 1; done
 	rm -rf $(PLAIN_VENV) build/plain-demo
 
 # The vLLM plugin (vllm_plugin/) in its own venv: vLLM's CPU build pins its own torch and transformers.

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from cli_runner import run_cli
 
-from upcycle.demo import DEMO_MODEL, DemoOptions, run_demo
+from upcycle.demo import DEMO_MODEL, DemoOptions, format_table, run_demo
 
 
 def test_the_embedded_model_ships_with_its_tokenizer_and_training_record():
@@ -28,10 +28,16 @@ def test_full_demo_meets_the_shape_of_results(tmp_path):
 
 def test_short_demo_runs_and_replaces_only_its_own_output(tmp_path):
     output = tmp_path / "demo"
-    options = DemoOptions(output=output, train_steps=2, calibration_blocks=8, max_heldout_blocks=8)
-    run_demo(options, echo=lambda message: None)
+    options = DemoOptions(output=output, train_steps=2, calibration_blocks=8, max_heldout_blocks=8, task_limit=8,
+                          analysis_blocks=4)
+    messages = []
+    run_demo(options, echo=messages.append)
     saved = json.loads((output / "results.json").read_text())
     assert saved["source"]["ffn_experts_per_token"] == 2.0
+    source_task = saved["source"]["task"]
+    assert (source_task["name"], source_task["samples"], source_task["ffn_experts_per_token"]) == \
+        ("upcycle_stdlib_cloze", 8, 2.0)
+    assert 0.0 <= source_task["metrics"]["acc"]["value"] <= 1.0 and source_task["metrics"]["acc"]["stderr"] > 0
     for budget, target in zip(saved["budgets"], (1.5, 1.0, 0.75), strict=True):
         assert budget["target"] == target
         for kind in ("baseline", "control", "calibrated", "trained"):
@@ -42,6 +48,10 @@ def test_short_demo_runs_and_replaces_only_its_own_output(tmp_path):
             assert len(row["ffn_experts_histogram_per_layer"]) == 4
         for kind in ("baseline", "control", "trained"):  # calibration alone cannot go below one without training
             assert abs(budget[kind]["ffn_experts_per_token"] - target) < 0.3, (kind, budget[kind])
+            task = budget[kind]["task"]  # the task's own tokens, routed by the arm's routers (the baseline's rule)
+            assert task["name"] == "upcycle_stdlib_cloze" and set(task["metrics"]) == {"acc", "perplexity"}, task
+            assert abs(task["ffn_experts_per_token"] - target) < 0.35, (kind, task)
+        assert "task" not in budget["calibrated"]
         assert budget["control"]["rule"] == {1.5: budget["baseline"]["rule"], 1.0: "top_k",
                                              0.75: "top_1_confident"}[target]
         paired = budget["trained"]["paired_vs_control"]
@@ -49,6 +59,23 @@ def test_short_demo_runs_and_replaces_only_its_own_output(tmp_path):
         assert set(budget["token_kinds"]) == {"punctuation", "word piece", "word"}
     for plot in ("perplexity_vs_ffn_experts.png", "slot_share_per_layer.png", "ffn_experts_by_token_kind.png"):
         assert (output / "plots" / plot).stat().st_size > 1000
+    table = format_table(saved)
+    assert "task (± se)" in table.splitlines()[0] and "upcycle_stdlib_cloze, acc on 8 examples" in table
+    source_cell = f"{source_task['metrics']['acc']['value']:.3f} ±{source_task['metrics']['acc']['stderr']:.3f}"
+    assert table.splitlines()[1].endswith(source_cell)
+
+    analysis = saved["analysis"]
+    assert (analysis["target"], analysis["checkpoint"], analysis["blocks"]) == (0.75, "trained-0.75", 4)
+    assert "analysis/analysis.json" in analysis["files"] and "analysis/ffn_experts_heatmap.png" in analysis["files"]
+    for name in analysis["files"]:
+        assert (output / name).stat().st_size > 1000, name
+    written = json.loads((output / "analysis" / "analysis.json").read_text())
+    assert [(row["name"], row["kind"]) for row in written["rows"]] == [("upcycle_stdlib_cloze", "task"),
+                                                                      ("held-out text", "data")]
+    assert written["adjacent_layer_correlation"]["source_router_confidence"] is not None
+    assert len(written["findings"]) == len(analysis["findings"]) == 6
+    assert any("s] source: upcycle_stdlib_cloze acc" in message for message in messages)  # progress lines
+    assert any("s] budget 0.75: routing analyses of the trained MoE++" in message for message in messages)
     for name in ("trained-1", "control-1", "control-0.75"):
         assert (output / name / "config.json").is_file()
     assert json.loads((output / "control-1" / "config.json").read_text())["routing_rule"] == "top_k"
@@ -64,6 +91,8 @@ def test_demo_refuses_a_folder_it_did_not_write(capsys, tmp_path):
     refused = run_cli(capsys, "demo", "--output", other)
     assert refused.exit_code == 1 and "not an earlier demo output" in refused.stderr
     assert (other / "notes.txt").read_text() == "mine"
+    refused = run_cli(capsys, "demo", "--output", tmp_path / "new", "--task", "hellaswag")
+    assert refused.exit_code == 1 and "local tasks" in refused.stderr and not (tmp_path / "new").exists()
 
 
 def test_readme_has_exactly_the_two_setup_commands():

@@ -9,7 +9,10 @@ token), on the adaptation part of the text:
 - MoE++ calibrated (no training) and trained (the recipe with its relaxed selection and budget controller).
 Each is evaluated on the held-out part, with its paired perplexity ratio against the trained control, and how its
 compute is spent: the share of (token, layer) pairs using 0, 1 and 2 FFN experts, per layer and overall, and
-FFN experts per token by kind of token. Writes results.json, plots and the checkpoints.
+FFN experts per token by kind of token. The source and, at each budget, the baseline, the trained control and the
+trained MoE++ also run one downstream task (demo_tasks.py: a shipped local lm-eval task, with the routing of its
+tokens), and the trained MoE++ at the lowest budget gets `upcycle analyze`'s routing analyses (demo_analysis.py).
+Writes results.json, plots, analysis/ and the checkpoints.
 """
 
 import json
@@ -24,6 +27,8 @@ from .checkpoint.loading import load_causal_lm
 from .checkpoint.output_dir import atomic_output_dir
 from .data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from .data.corpus import write_demo_corpus
+from .demo_analysis import analyse_lowest_budget
+from .demo_tasks import DEFAULT_TASK, DemoTask, check_task, describe, task_cell, task_footnote
 from .errors import UpcycleError
 from .evaluation.baselines import BASELINES
 from .evaluation.evaluate import baseline_range, evaluate_baseline, evaluate_model, paired_against
@@ -56,6 +61,15 @@ class DemoOptions:
     budgets: tuple[float, ...] = BUDGETS
     seeds: tuple[int, ...] = (0,)  # seeds of the trained arms (bench/quality.py runs three)
     token_kind_blocks: int = 32
+    task: str = DEFAULT_TASK  # the downstream task (a local one: no download), see demo_tasks.py
+    task_limit: int | None = None  # examples of the task; None: all of them
+    analysis_blocks: int = 32  # held-out blocks of the routing analyses (demo_analysis.py)
+
+    def validate(self) -> None:
+        """Refuse bad values in one sentence, before anything is written."""
+        check_task(self.task, self.task_limit)
+        if self.analysis_blocks < 1:
+            raise UpcycleError(f"analysis_blocks must be at least 1, got {self.analysis_blocks}")
 
 
 def check_demo_output(output: Path) -> None:
@@ -115,6 +129,7 @@ class DemoRun:
         self.calibration = load_token_blocks(self.data / "adaptation.txt", self.tokenizer,
                                              BLOCK_SIZE).train[: options.calibration_blocks]
         self.moepp = folder / "moepp"
+        self.task = DemoTask(options.task, options.task_limit, self.tokenizer)
 
     def train(self, name: str, model: Path, target: float, seed: int, **extra):
         """The recipe on the adaptation text (MoE++, or a control with `routing_rule`); the trained model."""
@@ -137,6 +152,8 @@ def run_budget(run: DemoRun, target: float, converted) -> dict:
     name, progress = f"{target:g}", run.progress
     baseline, reports = best_baseline(converted, run.calibration, run.heldout, target)
     progress(f"budget {name}: baseline ({baseline['rule']}) perplexity {baseline['perplexity']:.2f}")
+    baseline["task"], _ = run.task.baseline_entry(converted, baseline["rule"], baseline["knob"])
+    progress(f"budget {name}: baseline on {describe(baseline['task'])}")
     rule = control_rule(target, baseline["rule"])
     calibrated_dir = run.folder / f"calibrated-{name}"
     calibrate(run.moepp, calibrated_dir, str(run.data / "adaptation.txt"),
@@ -163,16 +180,22 @@ def run_budget(run: DemoRun, target: float, converted) -> dict:
     first = seeds[0]
     control_model, control_report = first["control"]
     trained_model, trained_report = first["trained"]
+    control_task, _ = run.task.entry(control_model)
+    progress(f"budget {name}: trained control on {describe(control_task)}")
+    trained_task, trained_task_result = run.task.entry(trained_model)
+    progress(f"budget {name}: trained MoE++ on {describe(trained_task)}")
     budget = {
         "target": target,
         "baseline": baseline,
         "control": summary(control_report, "control") | {
-            "rule": rule, "knob_per_layer": [block.gate.routing_rule_knob for block in control_model.moe_blocks()]},
+            "rule": rule, "knob_per_layer": [block.gate.routing_rule_knob for block in control_model.moe_blocks()],
+            "task": control_task},
         "calibrated": summary(calibrated_report, "calibrated"),
-        "trained": summary(trained_report, "trained"),
+        "trained": summary(trained_report, "trained") | {"task": trained_task},
         "token_kinds": ffn_experts_by_token_kind(trained_model, run.heldout[: run.options.token_kind_blocks],
                                                  run.tokenizer),
         "_reports": {"trained": trained_report},
+        "_trained": {"name": f"trained-{name}", "model": trained_model, "task_result": trained_task_result},
     }
     for arm, report in (("baseline", reports), ("calibrated", calibrated_report), ("trained", trained_report)):
         budget[arm]["paired_vs_control"] = paired_against(report, control_report)
@@ -187,9 +210,11 @@ def run_budget(run: DemoRun, target: float, converted) -> dict:
 
 def format_table(results: dict) -> str:
     source = results["source"]
+    task_header = "task (± se)" if "task" in source else ""  # an older results.json has no task column
     lines = [(f"{'':<34}{'FFN/token':>10}{'0 / 1 / 2 FFN (%)':>20}{'perplexity':>12}{'vs source':>11}"
-             f"{'vs trained control (95%)':>28}"),
-             f"{'source':<34}{source['ffn_experts_per_token']:>10.2f}{'':>20}{source['perplexity']:>12.2f}"]
+             f"{'vs trained control (95%)':>28}{task_header:>16}").rstrip(),
+             (f"{'source':<34}{source['ffn_experts_per_token']:>10.2f}{'':>20}{source['perplexity']:>12.2f}"
+              f"{'':>39}{task_cell(source):>16}").rstrip()]
     for budget in results["budgets"]:
         for kind in ARMS:
             row = budget[kind]
@@ -201,12 +226,14 @@ def format_table(results: dict) -> str:
             versus = (f"{paired['perplexity_ratio']:.3f} ({paired['interval_95'][0]:.3f}-"
                       f"{paired['interval_95'][1]:.3f})" if paired else "1")
             lines.append(f"{label:<34}{row['ffn_experts_per_token']:>10.2f}{shares:>20}{row['perplexity']:>12.2f}"
-                         f"{change:>+10.1f}%{versus:>28}")
-    return "\n".join(lines)
+                         f"{change:>+10.1f}%{versus:>28}{task_cell(row):>16}".rstrip())
+    footnote = task_footnote(results)
+    return "\n".join(lines + ([footnote] if footnote else []))
 
 
 def run_demo(options: DemoOptions, echo=print) -> dict:
     output = Path(options.output)
+    options.validate()
     check_demo_output(output)
     if not (DEMO_MODEL / "config.json").is_file():
         raise UpcycleError(f"the embedded demo model is missing from {DEMO_MODEL}; "
@@ -214,13 +241,16 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
     progress = Progress(echo)
     with atomic_output_dir(output, overwrite=True) as partial:
         run = DemoRun(partial, options, progress)
-        source_report = evaluate_model(load_causal_lm(DEMO_MODEL), run.heldout)
+        source_model = load_causal_lm(DEMO_MODEL)
+        source_report = evaluate_model(source_model, run.heldout)
         progress(f"source: perplexity {source_report.perplexity:.2f} on {source_report.tokens:,} held-out tokens")
+        source_task, _ = run.task.entry(source_model)
+        progress(f"source: {describe(source_task)}")
         convert(DEMO_MODEL, run.moepp, ConvertOptions(), command="upcycle demo")
         progress("converted to MoE++ (function-preserving)")
         converted = load_causal_lm(run.moepp)
 
-        results = {"source": summary(source_report, "source"), "budgets": [],
+        results = {"source": summary(source_report, "source") | {"task": source_task}, "budgets": [],
                    "heldout_tokens": source_report.tokens, "train_steps": options.train_steps,
                    "seeds": list(options.seeds)}
         points = [results["source"]]
@@ -228,6 +258,9 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
             budget = run_budget(run, target, converted)
             points += [budget[arm] for arm in ARMS]
             results["budgets"].append(budget)
+
+        results["analysis"] = analyse_lowest_budget(partial, results["budgets"], source_model,
+                                                    run.heldout[: options.analysis_blocks], run.tokenizer, progress)
 
         plots = partial / "plots"
         write_quality_vs_compute(points, plots / "perplexity_vs_ffn_experts.png",
@@ -238,9 +271,10 @@ def run_demo(options: DemoOptions, echo=print) -> dict:
                               plots / "ffn_experts_by_token_kind.png")
         for budget in results["budgets"]:
             budget.pop("_reports")
+            budget.pop("_trained")
         (partial / DEMO_MARKER).write_text(json.dumps(results, indent=2) + "\n")
         echo(format_table(results))
-    progress(f"wrote {output.resolve()} (results.json, plots/, checkpoints)")
+    progress(f"wrote {output.resolve()} (results.json, plots/, analysis/, checkpoints)")
     return results
 
 
