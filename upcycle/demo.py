@@ -29,6 +29,7 @@ from .data.blocks import load_checkpoint_tokenizer, load_token_blocks
 from .data.corpus import write_demo_corpus
 from .demo_analysis import analyse_lowest_budget
 from .demo_tasks import DEFAULT_TASK, DemoTask, check_task, describe, task_cell, task_footnote
+from .demo_training import TrainJob, train_side_by_side
 from .errors import UpcycleError
 from .evaluation.baselines import BASELINES
 from .evaluation.evaluate import baseline_range, evaluate_baseline, evaluate_model, paired_against
@@ -36,7 +37,6 @@ from .evaluation.plots import write_eval_plots, write_quality_vs_compute
 from .evaluation.token_kinds import ffn_experts_by_token_kind
 from .surgery.convert import ConvertOptions, convert
 from .training.options import TrainOptions
-from .training.recipe import run_training
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo_model"
 DEMO_MARKER = "results.json"
@@ -101,12 +101,13 @@ def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, t
     `converted`: the MoE++ model straight from convert (it computes the source), whose routers run the rules.
     """
     top_k = converted.moe_blocks()[0].gate.top_k
+    rules = [rule for rule in BASELINES if baseline_range(rule, top_k)[0] <= target <= baseline_range(rule, top_k)[1]]
+    if target == 1.0:  # every rule that keeps a token's first expert is plain top-1 here: fit and evaluate one
+        rules = rules[:1]
     candidates = []
-    for rule in BASELINES:
-        low, high = baseline_range(rule, top_k)
-        if low <= target <= high and not (rule == "top_1_confident" and target == 1.0):  # at 1.0 it is top-1
-            report = evaluate_baseline(converted, calibration, heldout, rule, target)
-            candidates.append((summary(report, "baseline") | {"rule": rule, "knob": report.baseline["knob"]}, report))
+    for rule in rules:
+        report = evaluate_baseline(converted, calibration, heldout, rule, target)
+        candidates.append((summary(report, "baseline") | {"rule": rule, "knob": report.baseline["knob"]}, report))
     return min(candidates, key=lambda candidate: candidate[0]["perplexity"])
 
 
@@ -131,20 +132,17 @@ class DemoRun:
         self.moepp = folder / "moepp"
         self.task = DemoTask(options.task, options.task_limit, self.tokenizer)
 
-    def train(self, name: str, model: Path, target: float, seed: int, **extra):
-        """The recipe on the adaptation text (MoE++, or a control with `routing_rule`); the trained model."""
-        output = self.folder / name
-        torch.manual_seed(seed)  # LoRA's initialisation
+    def train_job(self, name: str, model: Path, target: float, seed: int, **extra) -> TrainJob:
+        """The recipe on the adaptation text (MoE++, or a control with `routing_rule`), as one side-by-side job."""
         options = self.options
-        run_training(TrainOptions(
+        return TrainJob(name, TrainOptions(
             model=str(model), data=str(self.data / "adaptation.txt"), eval_data=str(self.data / "heldout.txt"),
-            output=str(output), run_dir=str(self.folder / "runs" / name), target_ffn_per_token=target,
+            output=str(self.folder / name), run_dir=str(self.folder / "runs" / name), target_ffn_per_token=target,
             steps=options.train_steps, trainable=options.trainable, learning_rate=options.learning_rate,
             distill_weight=options.distill_weight, balance_loss_coef=options.balance_loss_coef, seed=seed,
             block_size=BLOCK_SIZE, micro_batch_size=8, checkpoint_every=0, eval_max_blocks=8, ramp_fraction=0.0,
-            lr_schedule="cosine", warmup_steps=10, progress=True, tensorboard=False, **extra,
-        ), command=f"upcycle demo ({name})")
-        return load_causal_lm(output)
+            lr_schedule="cosine", warmup_steps=10, progress=False, tensorboard=False, **extra,
+        ), seed)
 
 
 def run_budget(run: DemoRun, target: float, converted) -> dict:
@@ -165,11 +163,14 @@ def run_budget(run: DemoRun, target: float, converted) -> dict:
     seeds = []
     for seed in run.options.seeds:
         suffix = f"{name}" if seed == run.options.seeds[0] else f"{name}-seed{seed}"
-        control_model = run.train(f"control-{suffix}", run.moepp, target, seed, routing_rule=rule)
+        jobs = [run.train_job(f"control-{suffix}", run.moepp, target, seed, routing_rule=rule),
+                run.train_job(f"trained-{suffix}", calibrated_dir, target, seed)]
+        train_side_by_side(jobs)
+        control_model = load_causal_lm(Path(jobs[0].options.output))
         control_report = evaluate_model(control_model, run.heldout)
         progress(f"budget {name}: trained control ({rule}), perplexity {control_report.perplexity:.2f} at "
                  f"{control_report.ffn_experts_per_token:.2f} FFN experts per token")
-        trained_model = run.train(f"trained-{suffix}", calibrated_dir, target, seed)
+        trained_model = load_causal_lm(Path(jobs[1].options.output))
         trained_report = evaluate_model(trained_model, run.heldout)
         paired = paired_against(trained_report, control_report)
         progress(f"budget {name}: trained MoE++, perplexity {trained_report.perplexity:.2f} at "

@@ -6,7 +6,7 @@ A token's kind here comes from the text around it, rebuilt by decoding the block
 - word piece: its first letter or digit continues a word begun by an earlier token (a sub-word continuation);
 - otherwise the token starts a word: that word's part of speech when a tagger is installed, "word" without one.
 
-The tagger is HanTa (the Hanover Tagger, `pip install HanTa`: pure Python, LGPL-3.0, its English model ships
+The tagger is HanTa (the Hanover Tagger, a dependency of upcycle: pure Python, LGPL-3.0, its English model ships
 inside the wheel, so nothing is downloaded at run time). It tags words with the BNC's CLAWS C5 tags, grouped
 here into coarse parts of speech (`C5_GROUPS`). Words are tagged in runs between sentence punctuation, so a
 word's tag depends on its neighbours as a tagger's should. Without HanTa the kinds are punctuation, word piece and
