@@ -30,8 +30,9 @@ UPCYCLE = str(Path(sys.executable).parent / "upcycle")
 INTERRUPTED = "interrupted; nothing partial was left behind"
 # Run the entry point with one function paused (before or after its n-th call): touch FLAG, then sleep until killed.
 PRELUDE = """
-import importlib, sys, time
+import faulthandler, importlib, signal, sys, time
 from pathlib import Path
+faulthandler.register(signal.SIGUSR1)  # a stuck run prints where it is (stop_at, on timeout)
 target, when, nth, flag, *argv = sys.argv[1:]
 module_name, _, attribute = target.partition(":")
 owner = importlib.import_module(module_name)
@@ -71,7 +72,14 @@ def stop_at(tmp_path: Path, target: str, when: str, nth: int, args: list, sig=si
             pytest.fail(f"{target} was never reached (exit {process.returncode}): {err[-2000:]}")
         time.sleep(0.05)
     process.send_signal(sig)
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it hangs, every thread, instead of only that it did
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{target}: still running 120 s after signal {sig!r}; its stacks: {err[-6000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
