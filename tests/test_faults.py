@@ -33,6 +33,9 @@ PRELUDE = """
 import faulthandler, importlib, signal, sys, time
 from pathlib import Path
 faulthandler.register(signal.SIGUSR1)  # a stuck run prints where it is (stop_at, on timeout)
+# Ctrl-C as in a terminal, even when these tests run in a background job of a script, whose shell starts them with
+# SIGINT ignored (a Python started that way never installs its KeyboardInterrupt handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target, when, nth, flag, *argv = sys.argv[1:]
 module_name, _, attribute = target.partition(":")
 owner = importlib.import_module(module_name)
