@@ -7,8 +7,10 @@ transformers' own classes (OpenMoE: the project's), with a real BPE tokenizer an
 library's documentation).
 
 In-process (the CLI's entry point, as a shell runs it) and through the installed `upcycle` command in a fresh
-process (no prompt, pure JSON on stdout, no traceback): three families in-process and DeepSeek-V3 installed in
-the default run (about 2 minutes on 2 cores), every family both ways with `-m slow`.
+process (no prompt, pure JSON on stdout, no traceback), which ends with lm-evaluation-harness's own `lm_eval`
+command on the calibrated checkpoint (its remote code; the same scores as `upcycle eval --tasks`): three families
+in-process and DeepSeek-V3 installed in the default run (about 2 minutes on 2 cores), every family both ways with
+`-m slow`.
 """
 
 import json
@@ -175,6 +177,26 @@ def installed_chain(tmp_path: Path, chain_inputs, name: str, environment: dict) 
         if command[0] == "eval":
             evaluations.append(done.stdout)
     check_evaluations(evaluations, tmp_path)
+    calibrated_task = json.loads(evaluations[2])["tasks"][0]
+    written = run_lm_eval(tmp_path / "calibrated", tmp_path, environment)
+    for metric in ("acc", "acc_norm"):  # lm-eval's own command scores what `upcycle eval --tasks` scored
+        assert written[f"{metric},none"] == pytest.approx(calibrated_task["metrics"][metric]["value"], abs=1e-9)
+
+
+def run_lm_eval(checkpoint: Path, work: Path, environment: dict) -> dict:
+    """lm-evaluation-harness's own command on a checkpoint we wrote, through its remote code: the local module
+    task (written with `write_local_tasks`, as docs/evaluation.md shows); lm-eval's results for the task."""
+    from upcycle.evaluation.local_tasks import write_local_tasks
+
+    write_local_tasks(work / "tasks")
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    done = subprocess.run(
+        [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={checkpoint},trust_remote_code=True",
+         "--tasks", MODULE_TASK, "--include_path", str(work / "tasks"), "--limit", "4", "--batch_size", "4",
+         "--device", "cpu", "--output_path", str(work / "lm-eval")],
+        capture_output=True, text=True, cwd=work, env=environment, stdin=subprocess.DEVNULL, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next((work / "lm-eval").rglob("results_*.json")).read_text())["results"][MODULE_TASK]
 
 
 def test_installed_command_runs_the_chain_without_a_prompt(tmp_path, chain_inputs, offline_tasks):
