@@ -23,8 +23,6 @@ from collections.abc import Iterator
 
 import torch
 
-from ..modeling.moepp_layer import switched_on_mask
-
 
 class ScoreMoments:
     """Streaming mean, variance, min and max of the scores of one MoE layer."""
@@ -78,17 +76,9 @@ def gating_residual_off(model) -> Iterator[None]:
                 weight.copy_(value)
 
 
-def switched_on(router) -> torch.Tensor:
-    """(N+Z,) bool: the experts a router can select now (every zero-computation expert off under a routing rule)."""
-    bias = router.selection_bias
-    if router.routing_rule is not None:
-        bias = torch.full_like(bias, float("-inf"))
-    return switched_on_mask(bias, router.layout.n_ffn)
-
-
 def add_layer_scores(router, logits: torch.Tensor, probabilities: ScoreMoments, raw: ScoreMoments) -> None:
     """Count one layer's scores: logits (T, N+Z) that `router` returned, restricted to its switched-on experts."""
-    on = switched_on(router).to(logits.device)  # (N+Z,)
+    on = router.switched_on().to(logits.device)  # (N+Z,)
     logits = logits.float()
     probabilities.add(router.routing_probabilities(logits)[:, on])  # (T, N_on)
     raw.add(logits[:, on])  # (T, N_on)

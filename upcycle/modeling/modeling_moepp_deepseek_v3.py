@@ -35,7 +35,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_upcycle_moepp import MoePPDeepseekV3Config
-from .moepp_layer import ExpertLayout, MoePPRouter, limit_to_groups, normalize_top_k_weights, switched_on_mask
+from .moepp_layer import ExpertLayout, MoePPRouter, limit_to_groups, normalize_top_k_weights
 from .moepp_model import (
     MoePPBlockMixin,
     MoePPDecoderLayerMixin,
@@ -65,7 +65,7 @@ class MoePPDeepseekV3Router(MoePPRouter):
 
     def routing_probabilities(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, N+Z): sigmoid scores of the switched-on experts, divided by their sum."""
-        switched_on = switched_on_mask(self._bias(selection_bias).to(logits.device), self.layout.n_ffn)
+        switched_on = self.switched_on(selection_bias).to(logits.device)  # (N+Z,)
         scores = logits.sigmoid().masked_fill(~switched_on, 0.0)
         return scores / scores.sum(dim=-1, keepdim=True)
 

@@ -118,6 +118,11 @@ class MoePPRouter(nn.Module):
             return torch.full_like(self.selection_bias, float("-inf"))
         return self.selection_bias if selection_bias is None else selection_bias
 
+    def switched_on(self, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(N+Z,) bool: the experts this router can select with that bias (default: the saved one); FFN experts
+        always, no zero-computation expert under a routing rule."""
+        return switched_on_mask(self._bias(selection_bias), self.layout.n_ffn)
+
     def routing_probabilities(self, logits: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, N+Z) -> (T, N+Z): the family's router probabilities (softmax over switched-on experts)."""
         return routing_probabilities(logits, self._bias(selection_bias).to(logits.device), self.layout.n_ffn)
