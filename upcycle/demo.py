@@ -101,7 +101,7 @@ def best_baseline(converted, calibration: torch.Tensor, heldout: torch.Tensor, t
     `converted`: the MoE++ model straight from convert (it computes the source), whose routers run the rules.
     """
     top_k = converted.moe_blocks()[0].gate.top_k
-    rules = [rule for rule in BASELINES if baseline_range(rule, top_k)[0] <= target <= baseline_range(rule, top_k)[1]]
+    rules = [rule for rule in BASELINES if (bounds := baseline_range(rule, top_k))[0] <= target <= bounds[1]]
     if target == 1.0:  # every rule that keeps a token's first expert is plain top-1 here: fit and evaluate one
         rules = rules[:1]
     candidates = []

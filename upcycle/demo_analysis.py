@@ -8,14 +8,11 @@ demo output, which is renamed into place at the end.
 Measured on 2 CPU cores: about 2 s for 32 blocks with the source and the part-of-speech tagger, plus the plots.
 """
 
-import json
 from pathlib import Path
 
 import torch
 
-from .evaluation.analyses import RESULTS_FILE, analyze_model, routing_row
-from .evaluation.analysis_findings import layer_spread, paper_findings
-from .evaluation.analysis_plots import write_analysis_plots
+from .evaluation.analyses import RESULTS_FILE, analyze_model, task_row, write_analysis
 from .evaluation.parts_of_speech import load_tagger
 
 ANALYSIS_FOLDER = "analysis"
@@ -30,14 +27,8 @@ def write_demo_analysis(demo_folder: Path, checkpoint: str, model, source_model,
               "blocks": blocks.shape[0], "block_size": blocks.shape[1]}
     result |= analyze_model(model, blocks, tokenizer, source_model, tagger=load_tagger(), data_name="held-out text")
     if task_result is not None:
-        result["rows"] = [routing_row(task_result.name, "task", task_result.routing)
-                          | {"metrics": task_result.metrics}] + result["rows"]
-    result["layer_spread_across_rows"] = layer_spread(result["rows"])
-    result["findings"] = paper_findings(result)
-    folder = Path(demo_folder) / ANALYSIS_FOLDER
-    result["output"] = ANALYSIS_FOLDER
-    result["plots"] = [f"{ANALYSIS_FOLDER}/{path.name}" for path in write_analysis_plots(result, folder)]
-    (folder / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        result["rows"] = [task_row(task_result)] + result["rows"]
+    write_analysis(result, Path(demo_folder) / ANALYSIS_FOLDER, ANALYSIS_FOLDER)
     return {"checkpoint": checkpoint, "blocks": result["blocks"], "tokens": result["tokens"],
             "files": [f"{ANALYSIS_FOLDER}/{RESULTS_FILE}", *result["plots"]],
             "findings": [{"claim": finding["claim"], "holds": finding["holds"]} for finding in result["findings"]]}

@@ -161,12 +161,31 @@ def analyze_model(model, blocks: torch.Tensor, tokenizer, source_model=None, bat
     }
 
 
+def task_row(result) -> dict:
+    """One heatmap row from a task's result (upcycle.evaluation.downstream.TaskResult): its routing and metrics."""
+    return routing_row(result.name, "task", result.routing) | {"metrics": result.metrics}
+
+
 def task_rows(model, tokenizer, options: AnalyzeOptions) -> list[dict]:
     """One heatmap row per task of `options.tasks`, from upcycle.evaluation.downstream's routing summaries."""
     from .downstream import evaluate_tasks
 
-    results = evaluate_tasks(model, tokenizer, list(options.tasks), options.task_options())
-    return [routing_row(result.name, "task", result.routing) | {"metrics": result.metrics} for result in results]
+    return [task_row(result) for result in evaluate_tasks(model, tokenizer, list(options.tasks),
+                                                          options.task_options())]
+
+
+def write_analysis(result: dict, folder: Path, shown_as: Path | str) -> dict:
+    """Complete `result` (every row in place: the spread across rows, the paper's findings) and write its plots
+    and analysis.json into `folder`; the paths it names are under `shown_as`, where the folder ends up."""
+    from .analysis_findings import layer_spread, paper_findings
+    from .analysis_plots import write_analysis_plots
+
+    result["layer_spread_across_rows"] = layer_spread(result["rows"])
+    result["findings"] = paper_findings(result)
+    result["output"] = str(shown_as)
+    result["plots"] = [str(Path(shown_as) / path.name) for path in write_analysis_plots(result, folder)]
+    (folder / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _check_inputs(checkpoint: Path, source: Path | None, output: Path, options: AnalyzeOptions) -> None:
@@ -192,8 +211,6 @@ def analyze_checkpoint(checkpoint: Path, data: str, output: Path, source: Path |
     findings, and write OUTPUT atomically: analysis.json and the PNG plots (upcycle.evaluation.analysis_plots)."""
     from ..checkpoint.loading import load_causal_lm
     from ..data.blocks import load_checkpoint_tokenizer
-    from .analysis_findings import layer_spread, paper_findings
-    from .analysis_plots import write_analysis_plots
 
     options = options or AnalyzeOptions()
     checkpoint, output = Path(checkpoint), Path(output)
@@ -212,13 +229,9 @@ def analyze_checkpoint(checkpoint: Path, data: str, output: Path, source: Path |
                             data_name=Path(str(data)).name or str(data))
     if options.tasks:
         result["rows"] = task_rows(model, tokenizer, options) + result["rows"]
-    result["layer_spread_across_rows"] = layer_spread(result["rows"])
-    result["findings"] = paper_findings(result)
     final = output.resolve()
     with atomic_output_dir(output, options.overwrite) as partial:
-        result["output"] = str(final)
-        result["plots"] = [str(final / path.name) for path in write_analysis_plots(result, partial)]
-        (partial / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        write_analysis(result, partial, final)
     return result
 
 
