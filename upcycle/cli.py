@@ -283,14 +283,11 @@ def analyze(checkpoint, data, output, tasks, task_limit, source, max_blocks, ove
     """The MoE++ paper's routing analyses of an MoE++ CHECKPOINT on held-out text (and tasks): FFN experts per
     token by layer and task, zero-computation shares, adjacent-layer correlation, kinds of token, and routing
     scores with the gating residual on and off; each paper finding stated with its measured numbers."""
-    names = tuple(name.strip() for name in (tasks or "").split(",") if name.strip())
-    if tasks is not None and not names:
-        raise UpcycleError(f"--tasks takes task names separated by commas, got {tasks!r}")
-    if names:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars; read when tqdm is first imported
-        from .evaluation.downstream import quiet_lm_eval
+    from .evaluation.task_selection import quiet_task_output, task_names
 
-        quiet_lm_eval()
+    names = tuple(task_names(tasks))
+    if names:
+        quiet_task_output()  # before the analyses import torch (and with it tqdm)
     from .evaluation.analyses import AnalyzeOptions, analyze_checkpoint, format_analysis
 
     options = AnalyzeOptions(max_blocks=max_blocks, tasks=names, task_limit=task_limit, overwrite=overwrite,

@@ -6,11 +6,11 @@ anything loads, and `run_eval(request)` runs the parts: the tasks' options and n
 is refused) before the perplexity part spends minutes, then perplexity, then the tasks.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UpcycleError
+from .task_selection import quiet_task_output, task_names
 
 
 @dataclass(kw_only=True)
@@ -35,13 +35,11 @@ class EvalRequest:
 
     @property
     def task_names(self) -> list[str]:
-        return [name.strip() for name in (self.tasks or "").split(",") if name.strip()]
+        return task_names(self.tasks)
 
     def validate(self) -> None:
         """Refuse, in one sentence, options that contradict each other or belong to a part that does not run."""
         names = self.task_names
-        if self.tasks is not None and not names:
-            raise UpcycleError(f"--tasks takes task names separated by commas, got {self.tasks!r}")
         if self.data is None and not names:
             raise UpcycleError("eval needs --data (perplexity on held-out text), --tasks (downstream tasks) or both")
         perplexity_only = {"--source": self.source, "--max-blocks": self.max_blocks, "--plots": self.plots_dir,
@@ -63,10 +61,9 @@ def run_eval(request: EvalRequest) -> tuple[dict, str]:
     names = request.task_names
     task_options = manager = None
     if names:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars; read when tqdm is first imported
-        from .downstream import TaskOptions, quiet_lm_eval, task_manager
+        quiet_task_output()
+        from .downstream import TaskOptions, task_manager
 
-        quiet_lm_eval()
         task_options = TaskOptions(limit=request.limit, batch_size=request.data_settings.get("batch_size", 8),
                                    include_path=list(request.include_path), num_fewshot=request.num_fewshot,
                                    device=request.device, dtype=request.dtype)
