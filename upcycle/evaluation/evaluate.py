@@ -251,8 +251,8 @@ def evaluate_model(model, blocks: torch.Tensor, source_model=None, batch_size: i
         for layer, used in zip(per_layer, totals.used_counts):
             layer.ffn_experts_histogram = _histogram(used / totals.tokens)
     if is_moepp and model.moe_blocks()[0].gate.routing_rule is not None:  # a rule: a dropped slot is no expert
-        for layer in per_layer:
-            layer.zero_share = 0.0
+        for layer in per_layer:  # (it holds the first zero-computation expert, of whatever type, at weight 0)
+            layer.zero_share = layer.copy_share = layer.constant_share = 0.0
     mean = (lambda values: sum(values) / len(values)) if per_layer else (lambda values: None)
     ratio, ratio_interval = (paired_ratio(losses, torch.cat(source_block_losses).double())
                              if source_model is not None else (None, None))
